@@ -1,0 +1,456 @@
+"""The task-program IR: buffers, counters, tasks, opcodes and GPU targets.
+
+This module is the single source of truth for opcode numbers, their parameter
+layouts and the fixed-size GPU instruction format; the CUDA header in vm/ is
+generated from it (see ``cuda_header``). Nothing here imports torch.
+
+Semantics (DESIGN §5): counters start at 0 and only increase. A task starts when
+every wait has ``value(counter) >= threshold``, does its reads and writes, then
+adds 1 to its ``signal`` counter. Tasks with the same ``sm`` run one at a time in
+the order they appear in ``Program.tasks``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+IR_VERSION = 1
+
+# Fixed GPU instruction: 8 header words + PARAM_WORDS parameter words, all int32.
+MAX_WAITS = 4
+HEADER_WORDS = 2 + 2 * MAX_WAITS  # op, signal, then (counter, threshold) * MAX_WAITS
+PARAM_WORDS = 22
+INSTR_WORDS = HEADER_WORDS + PARAM_WORDS  # 32 words = 128 bytes
+NO_COUNTER = -1
+NO_BUFFER = -1
+
+
+class DType(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT32 = "int32"
+
+    @property
+    def nbytes(self) -> int:
+        return {"fp32": 4, "fp16": 2, "bf16": 2, "int32": 4}[self.value]
+
+    def torch(self) -> Any:
+        import torch
+
+        return {
+            "fp32": torch.float32,
+            "fp16": torch.float16,
+            "bf16": torch.bfloat16,
+            "int32": torch.int32,
+        }[self.value]
+
+
+MODEL_DTYPES = (DType.FP32, DType.FP16, DType.BF16)
+
+
+class BufferKind(str, enum.Enum):
+    WEIGHT = "weight"  # read-only model parameters (never written by a task)
+    ACTIVATION = "activation"  # scratch written and read within one step
+    KV = "kv"  # persistent state across steps (KV cache)
+    INPUT = "input"  # written by the host before launch (token, position, length)
+    OUTPUT = "output"  # every element written by the program
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An opcode: its number, ordered params (int words in the instruction) and doc.
+
+    ``buffer_params`` name the params that hold buffer ids; ``float_params`` are
+    stored as the bit pattern of a float32. ``-1`` is "none" for optional ids.
+    """
+
+    name: str
+    code: int
+    params: tuple[str, ...]
+    buffer_params: tuple[str, ...]
+    float_params: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    doc: str = ""
+
+
+# The opcodes. The reference VM (refvm.py) and the CUDA VM (vm/) implement each
+# exactly as its doc says; accumulation is fp32, results are rounded to the
+# output buffer's dtype once.
+OPS: tuple[OpSpec, ...] = (
+    OpSpec("NOP", 0, (), (), doc="Does nothing (queue padding)."),
+    OpSpec(
+        "EMBED", 1, ("token", "table", "out", "lo", "hi", "hidden"), ("token", "table", "out"),
+        doc="out[i] = table[token[0] * hidden + i] for i in [lo, hi).",
+    ),
+    OpSpec(
+        "RMSNORM", 2, ("inp", "weight", "out", "lo", "hi", "n", "eps"), ("inp", "weight", "out"),
+        float_params=("eps",),
+        doc="r = rsqrt(mean(inp[0:n]^2) + eps) in fp32; out[i] = round(inp[i]*r) * weight[i], i in [lo, hi).",
+    ),
+    OpSpec(
+        "GEMV", 3,
+        ("inp", "weight", "out", "n_lo", "n_hi", "k", "norm_weight", "eps", "residual", "act", "up_row"),
+        ("inp", "weight", "out", "norm_weight", "residual"),
+        float_params=("eps",),
+        optional=("norm_weight", "residual"),
+        doc=(
+            "x = inp[0:k]; if norm_weight: x = RMSNORM(x) rounded to dtype. "
+            "y_i = sum_j weight[i*k + j] * x[j] (fp32). act=0: v = y_i; act=1 (SiLU-mul): "
+            "v = round(silu(round(y_i))) * round(y_(up_row+i)) with up rows at up_row+i. "
+            "If residual: out[i] = round(residual[i] + round(v)) else out[i] = round(v); i in [n_lo, n_hi)."
+        ),
+    ),
+    OpSpec(
+        "ROPE_APPEND", 4,
+        ("qkv", "rope", "pos", "q_out", "k_cache", "v_cache", "kv_head", "n_heads", "n_kv_heads",
+         "head_dim", "max_seq"),
+        ("qkv", "rope", "pos", "q_out", "k_cache", "v_cache"),
+        doc=(
+            "For kv head g=kv_head with rep = n_heads/n_kv_heads: q heads h in [g*rep, (g+1)*rep) "
+            "get q_out[h*D:(h+1)*D] = rope(qkv[h*D:(h+1)*D], pos[0]); k head g (qkv offset "
+            "n_heads*D + g*D) is roped and stored at k_cache[(g*max_seq + pos)*D:+D]; v head g "
+            "(offset (n_heads+n_kv_heads)*D + g*D) is copied to v_cache likewise. rope is the "
+            "fp32 table [max_seq, D/2, 2] of (cos, sin); rotate-half convention: "
+            "x'[i] = x[i]c_i - x[i+D/2]s_i, x'[i+D/2] = x[i+D/2]c_i + x[i]s_i."
+        ),
+    ),
+    OpSpec(
+        "ATTN_PARTIAL", 5,
+        ("q", "k_cache", "v_cache", "seq_len", "partial", "kv_head", "blk", "kv_block", "n_heads",
+         "n_kv_heads", "head_dim", "max_seq", "n_blocks", "scale"),
+        ("q", "k_cache", "v_cache", "seq_len", "partial"),
+        float_params=("scale",),
+        doc=(
+            "Positions p in [blk*kv_block, min(seq_len[0], (blk+1)*kv_block)). For each q head h of "
+            "kv head g: s_p = scale * q_h . k_p (fp32); m = max s_p; l = sum exp(s_p - m); "
+            "o = sum exp(s_p - m) v_p. Writes fp32 partial[(h*n_blocks + blk)*(D+2):+D+2] = "
+            "(m, l, o[0:D]); an empty range writes (-inf, 0, 0...)."
+        ),
+    ),
+    OpSpec(
+        "ATTN_COMBINE", 6,
+        ("partial", "out", "head_lo", "head_hi", "n_blocks", "head_dim"),
+        ("partial", "out"),
+        doc=(
+            "For h in [head_lo, head_hi): M = max_b m_b; out[h*D + d] = "
+            "sum_b exp(m_b - M) o_b[d] / sum_b exp(m_b - M) l_b (blocks with l_b = 0 skipped)."
+        ),
+    ),
+    OpSpec(
+        "ADD", 7, ("a", "b", "out", "lo", "hi"), ("a", "b", "out"),
+        doc="out[i] = round(a[i] + b[i]) for i in [lo, hi).",
+    ),
+    OpSpec(
+        "SILU_MUL", 8, ("inp", "out", "lo", "hi", "up_off"), ("inp", "out"),
+        doc="out[i] = round(silu(inp[i])) * inp[up_off + i] for i in [lo, hi) (fp32 math, rounded).",
+    ),
+    OpSpec(
+        "LM_HEAD", 9,
+        ("inp", "weight", "out", "n_lo", "n_hi", "k", "norm_weight", "eps", "amax", "tile"),
+        ("inp", "weight", "out", "norm_weight", "amax"),
+        float_params=("eps",),
+        optional=("norm_weight",),
+        doc=(
+            "As GEMV (no act, no residual) but out is fp32 logits; also writes "
+            "amax[2*tile:2*tile+2] = (max logit of the tile, its smallest row index as float)."
+        ),
+    ),
+    OpSpec(
+        "ARGMAX", 10, ("amax", "n_tiles", "out"), ("amax", "out"),
+        doc="out[0] = index of the largest amax value over n_tiles tiles (smallest index on ties).",
+    ),
+)
+
+OPS_BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}
+OPS_BY_CODE: dict[int, OpSpec] = {op.code: op for op in OPS}
+assert all(len(op.params) <= PARAM_WORDS for op in OPS)
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """What the lowering and the validator need to know about a GPU."""
+
+    name: str
+    arch: str  # nvcc arch, e.g. "sm_90"
+    sm_count: int
+    smem_per_block: int  # bytes, opt-in maximum for one block
+    smem_per_sm: int
+    regs_per_sm: int
+    max_threads_per_block: int
+    max_threads_per_sm: int
+    hbm_gbps: float  # spec bandwidth, GB/s
+    l2_bytes: int
+
+
+TARGETS: dict[str, GpuTarget] = {
+    t.name: t
+    for t in (
+        GpuTarget("h100", "sm_90", 132, 227 * 1024, 228 * 1024, 65536, 1024, 2048, 3350.0, 50 << 20),
+        GpuTarget("h200", "sm_90", 132, 227 * 1024, 228 * 1024, 65536, 1024, 2048, 4800.0, 50 << 20),
+        GpuTarget("a100", "sm_80", 108, 163 * 1024, 164 * 1024, 65536, 1024, 2048, 2039.0, 40 << 20),
+        GpuTarget("rtx5090", "sm_120", 170, 99 * 1024, 100 * 1024, 65536, 1024, 1536, 1792.0, 96 << 20),
+        GpuTarget("l4", "sm_89", 58, 99 * 1024, 100 * 1024, 65536, 1024, 1536, 300.0, 48 << 20),
+    )
+}
+
+
+def get_target(name: str) -> GpuTarget:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise KeyError(f"unknown GPU {name!r}; known: {', '.join(sorted(TARGETS))}") from None
+
+
+@dataclass(frozen=True)
+class Region:
+    """Half-open element range [lo, hi) of a flattened buffer."""
+
+    buffer: int
+    lo: int
+    hi: int
+    mode: str = "write"  # for writes: "write" or "accumulate" (atomic add)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"buffer": self.buffer, "lo": self.lo, "hi": self.hi}
+        if self.mode != "write":
+            d["mode"] = self.mode
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Region:
+        return Region(int(d["buffer"]), int(d["lo"]), int(d["hi"]), str(d.get("mode", "write")))
+
+
+@dataclass(frozen=True)
+class Wait:
+    counter: int
+    threshold: int
+
+
+@dataclass(frozen=True)
+class Buffer:
+    id: int
+    name: str
+    kind: BufferKind
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.nbytes
+
+
+@dataclass(frozen=True)
+class Counter:
+    id: int
+    name: str
+
+
+@dataclass
+class Task:
+    id: int
+    op: str
+    sm: int
+    reads: list[Region]
+    writes: list[Region]
+    waits: list[Wait]
+    signal: int | None
+    params: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "op": self.op,
+            "sm": self.sm,
+            "reads": [r.to_json() for r in self.reads],
+            "writes": [r.to_json() for r in self.writes],
+            "waits": [{"counter": w.counter, "threshold": w.threshold} for w in self.waits],
+            "signal": self.signal,
+            "params": dict(self.params),
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Task:
+        return Task(
+            id=int(d["id"]),
+            op=str(d["op"]),
+            sm=int(d["sm"]),
+            reads=[Region.from_json(r) for r in d.get("reads", [])],
+            writes=[Region.from_json(r) for r in d.get("writes", [])],
+            waits=[Wait(int(w["counter"]), int(w["threshold"])) for w in d.get("waits", [])],
+            signal=None if d.get("signal") is None else int(d["signal"]),
+            params=dict(d.get("params", {})),
+        )
+
+
+@dataclass
+class Program:
+    """A lowered decode step. ``meta`` holds the target name, the model config,
+    the schedule's knobs and the kernel-build settings (threads, pipelining)."""
+
+    buffers: list[Buffer]
+    counters: list[Counter]
+    tasks: list[Task]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- lookups ---------------------------------------------------------
+    def buffer(self, name: str) -> Buffer:
+        for b in self.buffers:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    @property
+    def num_sms(self) -> int:
+        return int(self.meta.get("num_sms", 1 + max((t.sm for t in self.tasks), default=0)))
+
+    def queues(self) -> list[list[Task]]:
+        """Tasks per SM in queue order."""
+        qs: list[list[Task]] = [[] for _ in range(self.num_sms)]
+        for t in self.tasks:
+            qs[t.sm].append(t)
+        return qs
+
+    def weight_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers if b.kind is BufferKind.WEIGHT)
+
+    # -- JSON ------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": IR_VERSION,
+            "meta": self.meta,
+            "buffers": [
+                {"id": b.id, "name": b.name, "kind": b.kind.value, "dtype": b.dtype.value,
+                 "shape": list(b.shape)}
+                for b in self.buffers
+            ],
+            "counters": [{"id": c.id, "name": c.name} for c in self.counters],
+            "tasks": [t.to_json() for t in self.tasks],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """Content hash: two programs with the same digest are the same program."""
+        return hashlib.sha256(self.dumps().encode()).hexdigest()[:16]
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Program:
+        """Parse program JSON. Raises ValueError naming the offending field."""
+        if not isinstance(d, dict):
+            raise ValueError("program JSON must be an object")
+        version = d.get("version")
+        if version != IR_VERSION:
+            raise ValueError(f"version: expected {IR_VERSION}, got {version!r}")
+        try:
+            buffers = [
+                Buffer(int(b["id"]), str(b["name"]), BufferKind(b["kind"]), DType(b["dtype"]),
+                       tuple(int(s) for s in b["shape"]))
+                for b in d["buffers"]
+            ]
+            counters = [Counter(int(c["id"]), str(c["name"])) for c in d["counters"]]
+            tasks = [Task.from_json(t) for t in d["tasks"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed program JSON: {type(e).__name__}: {e}") from None
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError("meta: must be an object")
+        return Program(buffers, counters, tasks, meta)
+
+    @staticmethod
+    def loads(text: str) -> Program:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from None
+        return Program.from_json(data)
+
+
+# -- GPU instruction encoding ----------------------------------------------------
+
+def float_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def encode_task(task: Task) -> list[int]:
+    """The task as INSTR_WORDS int32 words (layout in the generated CUDA header)."""
+    spec = OPS_BY_NAME[task.op]
+    if len(task.waits) > MAX_WAITS:
+        raise ValueError(f"task {task.id}: {len(task.waits)} waits, the instruction holds {MAX_WAITS}")
+    words = [spec.code, NO_COUNTER if task.signal is None else task.signal]
+    for i in range(MAX_WAITS):
+        if i < len(task.waits):
+            words += [task.waits[i].counter, task.waits[i].threshold]
+        else:
+            words += [NO_COUNTER, 0]
+    for p in spec.params:
+        v = task.params.get(p, NO_BUFFER if p in spec.optional else None)
+        if v is None:
+            raise ValueError(f"task {task.id} ({task.op}): missing param {p!r}")
+        words.append(float_bits(v) if p in spec.float_params else int(v))
+    words += [0] * (INSTR_WORDS - len(words))
+    return words
+
+
+def cuda_header() -> str:
+    """The generated CUDA header: opcode numbers, instruction layout, param slots."""
+    lines = [
+        "// Generated from pytest_amk/ir.py by pytest_amk.ir.cuda_header(): do not edit.",
+        "#pragma once",
+        f"#define AMK_IR_VERSION {IR_VERSION}",
+        f"#define AMK_MAX_WAITS {MAX_WAITS}",
+        f"#define AMK_HEADER_WORDS {HEADER_WORDS}",
+        f"#define AMK_PARAM_WORDS {PARAM_WORDS}",
+        f"#define AMK_INSTR_WORDS {INSTR_WORDS}",
+        "#define AMK_W_OP 0",
+        "#define AMK_W_SIGNAL 1",
+        "#define AMK_W_WAIT_COUNTER(i) (2 + 2 * (i))",
+        "#define AMK_W_WAIT_THRESHOLD(i) (3 + 2 * (i))",
+        f"#define AMK_NO_COUNTER ({NO_COUNTER})",
+        f"#define AMK_NO_BUFFER ({NO_BUFFER})",
+    ]
+    for op in OPS:
+        lines.append(f"#define OP_{op.name} {op.code}")
+    for op in OPS:
+        for i, p in enumerate(op.params):
+            lines.append(f"#define P_{op.name}_{p.upper()} ({HEADER_WORDS} + {i})")
+    return "\n".join(lines) + "\n"
+
+
+# -- resources (shared by the validator and the GPU launcher) -----------------------
+
+SMEM_RESERVED = 256  # bytes the VM keeps for its own bookkeeping (reduction scratch)
+
+
+def task_smem_bytes(program: Program, task: Task) -> int:
+    """Dynamic shared memory the CUDA VM needs to run ``task``.
+
+    GEMV and LM_HEAD stage the (normalised) input vector in fp32; ATTN_PARTIAL
+    stages its q heads and one score per position of its block for each q head.
+    """
+    p = task.params
+    if task.op in ("GEMV", "LM_HEAD"):
+        return 4 * int(p["k"])
+    if task.op == "ATTN_PARTIAL":
+        rep = int(p["n_heads"]) // max(1, int(p["n_kv_heads"]))
+        return 4 * rep * (int(p["head_dim"]) + int(p["kv_block"]))
+    return 0
+
+
+def program_smem_bytes(program: Program) -> int:
+    """The kernel's dynamic shared memory: the largest need of any task."""
+    return SMEM_RESERVED + max((task_smem_bytes(program, t) for t in program.tasks), default=0)

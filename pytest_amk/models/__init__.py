@@ -1,0 +1,21 @@
+"""Model presets and loading. ``config_for`` needs no torch; ``load_model`` builds weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pytest_amk.models.config import PRESETS, LlamaConfig, config_for
+
+if TYPE_CHECKING:
+    from pytest_amk.models.llama import Llama
+
+__all__ = ["PRESETS", "LlamaConfig", "config_for", "load_model"]
+
+
+def load_model(model_id: str, dtype: str, seed: int, max_seq: int) -> Llama:
+    """The eager model for a schedule's [model] table (random weights from ``seed``)."""
+    from pytest_amk.ir import DType
+    from pytest_amk.models.llama import Llama, init_weights
+
+    cfg = config_for(model_id)
+    return Llama(cfg, init_weights(cfg, DType(dtype).torch(), seed), max_seq)
