@@ -30,7 +30,7 @@ NO_COUNTER = -1
 NO_BUFFER = -1
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
@@ -54,7 +54,7 @@ class DType(str, enum.Enum):
 MODEL_DTYPES = (DType.FP32, DType.FP16, DType.BF16)
 
 
-class BufferKind(str, enum.Enum):
+class BufferKind(enum.StrEnum):
     WEIGHT = "weight"  # read-only model parameters (never written by a task)
     ACTIVATION = "activation"  # scratch written and read within one step
     KV = "kv"  # persistent state across steps (KV cache)

@@ -91,6 +91,13 @@ def _split(n: int, tile: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + tile)) for lo in range(0, n, tile)]
 
 
+def _spread(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) in min(n, parts) near-equal pieces: every SM gets a share."""
+    parts = max(1, min(n, parts))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str,
           max_seq: int) -> Program:
     """Lower one decode step. Raises LoweringError when the target cannot hold it."""
@@ -119,15 +126,16 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     rope = b.buffer("rope", W, F32, max_seq, d // 2, 2)
     esize = dt.nbytes
 
-    def gemv_tile(n: int, rows: int) -> int:
-        return max(1, min(n, rows or math.ceil(n / num_sms)))
+    def tiles(n: int, rows: int = 0) -> list[tuple[int, int]]:
+        """Row ranges: ``rows`` per tile, or (0) spread over every SM."""
+        return _split(n, rows) if rows else _spread(n, num_sms)
 
     def rmsnorm(name: str, x: int, weight: int) -> int:
         out = b.buffer(name, A, dt, h)
         b.stage(name, [
             _Tile("RMSNORM", dict(inp=x, weight=weight, out=out, lo=lo, hi=hi, n=h, eps=eps),
                   [Region(x, 0, h), Region(weight, lo, hi)], [Region(out, lo, hi)], 2.0 * (hi - lo))
-            for lo, hi in _split(h, gemv_tile(h, 0))
+            for lo, hi in tiles(h)
         ])
         return out
 
@@ -140,8 +148,8 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
             partial = gemv(name + ".proj", x, k, weight, n, norm=norm)
             return add(name, residual, partial, n)
         out = b.buffer(name, A, dt, n)
-        tiles = []
-        for lo, hi in _split(n, gemv_tile(n, n_tile)):
+        stage_tiles = []
+        for lo, hi in tiles(n, n_tile):
             reads = [Region(x, 0, k), Region(weight, lo * k, hi * k)]
             if silu_up:
                 reads.append(Region(weight, (silu_up + lo) * k, (silu_up + hi) * k))
@@ -152,8 +160,8 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
             params = dict(inp=x, weight=weight, out=out, n_lo=lo, n_hi=hi, k=k, norm_weight=norm,
                           eps=eps, residual=residual, act=1 if silu_up else 0, up_row=silu_up)
             rows = (hi - lo) * (2 if silu_up else 1)
-            tiles.append(_Tile("GEMV", params, reads, [Region(out, lo, hi)], rows * k * esize))
-        b.stage(name, tiles)
+            stage_tiles.append(_Tile("GEMV", params, reads, [Region(out, lo, hi)], rows * k * esize))
+        b.stage(name, stage_tiles)
         return out
 
     def add(name: str, a: int, c: int, n: int) -> int:
@@ -161,7 +169,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
         b.stage(name, [
             _Tile("ADD", dict(a=a, b=c, out=out, lo=lo, hi=hi),
                   [Region(a, lo, hi), Region(c, lo, hi)], [Region(out, lo, hi)], 3.0 * (hi - lo))
-            for lo, hi in _split(n, gemv_tile(n, 0))
+            for lo, hi in tiles(n)
         ])
         return out
 
@@ -170,7 +178,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     b.stage("embed", [
         _Tile("EMBED", dict(token=token, table=embed, out=x, lo=lo, hi=hi, hidden=h),
               [Region(token, 0, 1), Region(embed, 0, cfg.vocab * h)], [Region(x, lo, hi)], hi - lo)
-        for lo, hi in _split(h, gemv_tile(h, 0))
+        for lo, hi in tiles(h)
     ])
 
     rep, n_blocks = cfg.heads // cfg.kv_heads, math.ceil(max_seq / kv_block)
@@ -187,11 +195,11 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
 
         qkv = gemv(p + "qkv", x, h, wqkv, cfg.qkv_rows, norm=attn_norm)
         q = b.buffer(p + "q", A, dt, cfg.heads * d)
-        tiles = []
+        stage_tiles = []
         for g in range(cfg.kv_heads):
             k_off, v_off = (cfg.heads + g) * d, (cfg.heads + cfg.kv_heads + g) * d
             kv_rows = Region(k_cache, g * max_seq * d, (g + 1) * max_seq * d)
-            tiles.append(_Tile(
+            stage_tiles.append(_Tile(
                 "ROPE_APPEND",
                 dict(qkv=qkv, rope=rope, pos=pos, q_out=q, k_cache=k_cache, v_cache=v_cache,
                      kv_head=g, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads, head_dim=d,
@@ -202,14 +210,14 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
                  Region(v_cache, kv_rows.lo, kv_rows.hi)],
                 (rep + 2) * d * 2.0,
             ))
-        b.stage(p + "rope_append", tiles)
+        b.stage(p + "rope_append", stage_tiles)
 
         partial = b.buffer(p + "attn_partial", A, DType.FP32, cfg.heads, n_blocks, d + 2)
-        tiles = []
+        stage_tiles = []
         for g in range(cfg.kv_heads):
             for blk in range(n_blocks):
                 lo, hi = (g * max_seq + blk * kv_block) * d, (g * max_seq + min(max_seq, (blk + 1) * kv_block)) * d
-                tiles.append(_Tile(
+                stage_tiles.append(_Tile(
                     "ATTN_PARTIAL",
                     dict(q=q, k_cache=k_cache, v_cache=v_cache, seq_len=seq_len, partial=partial,
                          kv_head=g, blk=blk, kv_block=kv_block, n_heads=cfg.heads,
@@ -221,7 +229,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
                      for hh in range(g * rep, (g + 1) * rep)],
                     2.0 * (hi - lo) * esize,
                 ))
-        b.stage(p + "attn_partial", tiles)
+        b.stage(p + "attn_partial", stage_tiles)
 
         attn = b.buffer(p + "attn", A, dt, cfg.heads * d)
         b.stage(p + "attn_combine", [
@@ -242,7 +250,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
                 _Tile("SILU_MUL", dict(inp=gu, out=act, lo=lo, hi=hi, up_off=cfg.ffn),
                       [Region(gu, lo, hi), Region(gu, cfg.ffn + lo, cfg.ffn + hi)],
                       [Region(act, lo, hi)], 3.0 * (hi - lo))
-                for lo, hi in _split(cfg.ffn, gemv_tile(cfg.ffn, 0))
+                for lo, hi in tiles(cfg.ffn)
             ])
         x = gemv(f"x.{i + 1}", act, cfg.ffn, w_down, h, residual=hmid)
 
@@ -252,19 +260,19 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     if not fuse_norm:
         x, norm = rmsnorm("final_norm", x, norm), -1
     logits = b.buffer("logits", BufferKind.OUTPUT, DType.FP32, cfg.vocab)
-    lm_tiles = _split(cfg.vocab, gemv_tile(cfg.vocab, lm_tile))
+    lm_tiles = tiles(cfg.vocab, lm_tile)
     amax = b.buffer("amax", A, DType.FP32, len(lm_tiles), 2)
-    tiles = []
+    stage_tiles = []
     for t, (lo, hi) in enumerate(lm_tiles):
         reads = [Region(x, 0, h), Region(lm_w, lo * h, hi * h)]
         if norm >= 0:
             reads.append(Region(norm, 0, h))
-        tiles.append(_Tile(
+        stage_tiles.append(_Tile(
             "LM_HEAD",
             dict(inp=x, weight=lm_w, out=logits, n_lo=lo, n_hi=hi, k=h, norm_weight=norm, eps=eps,
                  amax=amax, tile=t),
             reads, [Region(logits, lo, hi), Region(amax, 2 * t, 2 * t + 2)], (hi - lo) * h * esize))
-    b.stage("lm_head", tiles)
+    b.stage("lm_head", stage_tiles)
     next_token = b.buffer("next_token", BufferKind.OUTPUT, I32, 1)
     b.stage("argmax", [_Tile("ARGMAX", dict(amax=amax, n_tiles=len(lm_tiles), out=next_token),
                              [Region(amax, 0, 2 * len(lm_tiles))], [Region(next_token, 0, 1)], 1.0)])

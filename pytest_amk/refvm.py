@@ -206,6 +206,9 @@ def op_attn_combine(bufs: Tensors, p: dict[str, Any]) -> None:
     for h in range(p["head_lo"], p["head_hi"]):
         rows = part[h * nb * (d + 2) : (h + 1) * nb * (d + 2)].view(nb, d + 2)
         live = rows[rows[:, 1] > 0]
+        if len(live) == 0:  # only reachable when partials were never written (NaN)
+            out[h * d : (h + 1) * d] = float("nan")
+            continue
         m = live[:, 0]
         scale = torch.exp(m - m.max())
         out[h * d : (h + 1) * d] = ((scale @ live[:, 2:]) / (scale @ live[:, 1])).to(out.dtype)

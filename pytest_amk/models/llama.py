@@ -9,6 +9,7 @@ LlamaForCausalLM has them, so bf16 results are comparable.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 

@@ -1,0 +1,88 @@
+"""Lowering: every knob changes the program; projections spread over all SMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from pytest_amk.ir import TARGETS, Program
+from pytest_amk.lower import LoweringError, lower
+from pytest_amk.models import config_for
+from pytest_amk.schedule import KNOBS, default_knobs
+
+
+def program_hash(p: Program) -> str:
+    """Hash of what the kernel executes: tasks, buffers, counters and the kernel-build
+    settings; the knob record in meta is left out so the test cannot pass trivially."""
+    d = p.to_json()
+    d["meta"] = {k: v for k, v in d["meta"].items() if k != "knobs"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def lower_small(**overrides: object) -> Program:
+    knobs = default_knobs()
+    knobs.update(overrides)
+    return lower(config_for("toy-4L"), TARGETS["h100"], knobs, "bf16", 512)
+
+
+FUSION_VARIANTS = [[], [["rmsnorm", "gemv"]], [["gemv", "residual_add"]], [["gemv", "silu_mul"]]]
+
+
+@pytest.mark.parametrize("name", sorted(KNOBS))
+def test_every_knob_value_changes_the_program(name: str) -> None:
+    knob = KNOBS[name]
+    values = FUSION_VARIANTS if name == "fusion" else [v for v in knob.choices if v != knob.default]
+    assert values, f"knob {name} has no alternative value to search"
+    base = program_hash(lower_small())
+    seen = {base}
+    for value in values:
+        h = program_hash(lower_small(**{name: value}))
+        assert h not in seen, f"{name} = {value!r} emits the same program as another value"
+        seen.add(h)
+
+
+def test_projections_spread_over_all_sms() -> None:
+    cfg = config_for("llama-3.2-1b-shape")
+    p = lower(cfg, TARGETS["h100"], default_knobs(), "bf16", 512)
+    gemv_sms: dict[int, set[int]] = {}
+    for t in p.tasks:
+        if t.op in ("GEMV", "LM_HEAD"):
+            gemv_sms.setdefault(t.signal, set()).add(t.sm)
+    assert gemv_sms and all(len(sms) == 132 for sms in gemv_sms.values())
+    assert len(p.tasks) > 5000
+
+
+def test_runtime_inputs_not_constants() -> None:
+    p = lower_small()
+    kinds = {b.name: b.kind.value for b in p.buffers}
+    assert kinds["token"] == kinds["pos"] == kinds["seq_len"] == "input"
+    # No task param carries a position or token value: only buffer ids of the inputs.
+    ids = {p.buffer(n).id for n in ("token", "pos", "seq_len")}
+    assert any(t.params.get("pos") in ids for t in p.tasks if t.op == "ROPE_APPEND")
+
+
+def test_too_many_sms_is_a_lowering_error() -> None:
+    with pytest.raises(LoweringError, match="132 SMs"):
+        lower_small(sm_count=200)
+
+
+def test_combine_heads_must_divide_heads() -> None:
+    with pytest.raises(LoweringError, match="combine_heads"):
+        lower_small(**{"tiling.attention.combine_heads": 3})
+
+
+def test_json_round_trip() -> None:
+    p = lower_small(fusion=[])
+    q = Program.loads(p.dumps())
+    assert q.digest() == p.digest()
+    assert q.to_json() == p.to_json()
+
+
+def test_tied_lm_head_reads_embedding() -> None:
+    p = lower(config_for("toy"), TARGETS["h100"], default_knobs(), "bf16", 64)
+    lm = [t for t in p.tasks if t.op == "LM_HEAD"]
+    assert lm and all(t.params["weight"] == p.buffer("embed").id for t in lm)
+    untied = lower(config_for("toy-4L"), TARGETS["h100"], default_knobs(), "bf16", 64)
+    assert untied.buffer("lm_head")
