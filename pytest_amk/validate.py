@@ -29,29 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_amk.ir import (
-    IR_VERSION,
-    MAX_WAITS,
-    OPS_BY_NAME,
-    SMEM_RESERVED,
-    TARGETS,
-    Buffer,
-    BufferKind,
-    Counter,
-    DType,
-    GpuTarget,
-    OpSpec,
-    Program,
-    Region,
-    Task,
-    Wait,
-    task_smem_bytes,
-)
+from pytest_amk import ir
+from pytest_amk.ir import Buffer, BufferKind, Counter, DType, GpuTarget, OpSpec, Program, Region, Task, Wait
 
 ERROR_CAP = 20  # errors shown per code; the rest are counted
 MAX_HB_PASSES = 8  # refinement passes of the HB fixpoint (each pass is sound on its own)
 MUTABLE = (BufferKind.ACTIVATION, BufferKind.KV, BufferKind.OUTPUT)
-INT32 = (-(1 << 31), 1 << 31)
 
 # dtypes the op docs in ir.OPS fix for some params.
 _DTYPES: dict[tuple[str, str], DType] = {
@@ -81,9 +64,7 @@ class Result:
         return {e.code for e in self.errors}
 
     def summary(self) -> str:
-        if self.ok:
-            return f"ok: {self.stats.get('tasks', 0)} tasks proven safe"
-        return "; ".join(str(e) for e in self.errors[:5]) + (
+        return "ok" if self.ok else "; ".join(map(str, self.errors[:5])) + (
             f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else "")
 
 
@@ -91,6 +72,7 @@ class _Errors:
     def __init__(self) -> None:
         self.shown: list[ValidationError] = []
         self.count: dict[str, int] = {}
+        self.seen: set[tuple[int, int, int]] = set()  # race pairs already shown
 
     def room(self, code: str) -> bool:
         return self.count.get(code, 0) < ERROR_CAP
@@ -228,7 +210,7 @@ def _check_params(t: Task, spec: OpSpec, nbuf: int, E: _Errors) -> dict[str, Any
             if not (isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)):
                 E.add("malformed", f"{_tl(t)}: param {name!r} must be a finite number, got {v!r}")
                 ok = False
-        elif not _is_int(v) or not INT32[0] <= v < INT32[1]:
+        elif not _is_int(v) or not -(1 << 31) <= v < 1 << 31:
             E.add("malformed", f"{_tl(t)}: param {name!r} must be an int32, got {v!r}")
             ok = False
         elif name in spec.buffer_params and not (0 <= v < nbuf or (v == -1 and name in spec.optional)):
@@ -309,16 +291,14 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
     if num_sms is not None and (not _is_int(num_sms) or num_sms < 1):
         E.add("malformed", f"meta.num_sms must be a positive int, got {num_sms!r}")
         num_sms = None
-    if tgt is not None:
-        if num_sms is not None and num_sms > tgt.sm_count:
-            E.add("resource", f"meta.num_sms = {num_sms} but {tgt.name} has {tgt.sm_count} SMs")
-        tpb = meta.get("threads_per_block")
-        if tpb is not None:
-            if not _is_int(tpb) or tpb < 32 or tpb % 32:
-                E.add("resource", f"meta.threads_per_block = {tpb!r} must be a positive multiple of 32")
-            elif tpb > tgt.max_threads_per_block:
-                E.add("resource", f"meta.threads_per_block = {tpb} exceeds {tgt.name}'s limit of "
-                                  f"{tgt.max_threads_per_block} threads per block")
+    if tgt is not None and num_sms is not None and num_sms > tgt.sm_count:
+        E.add("resource", f"meta.num_sms = {num_sms} but {tgt.name} has {tgt.sm_count} SMs")
+    tpb = meta.get("threads_per_block")
+    if tpb is not None and (not _is_int(tpb) or tpb < 32 or tpb % 32):
+        E.add("resource", f"meta.threads_per_block = {tpb!r} must be a positive multiple of 32")
+    elif tpb is not None and tgt is not None and tpb > tgt.max_threads_per_block:
+        E.add("resource", f"meta.threads_per_block = {tpb} exceeds {tgt.name}'s limit of "
+                          f"{tgt.max_threads_per_block} threads per block")
     smem_need, smem_task = 0, None
     for i, t in enumerate(prog.tasks):
         if not (isinstance(t, Task) and _is_int(t.id) and t.id == i and _is_int(t.sm)
@@ -327,26 +307,26 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
                                f"lists of reads, writes and waits)")
             sound = False
             continue
-        spec = OPS_BY_NAME.get(t.op) if isinstance(t.op, str) else None
+        spec = ir.OPS_BY_NAME.get(t.op) if isinstance(t.op, str) else None
         if spec is None:
-            E.add("malformed", f"task {i}: unknown op {t.op!r}; known: {', '.join(OPS_BY_NAME)}")
+            E.add("malformed", f"task {i}: unknown op {t.op!r}; known: {', '.join(ir.OPS_BY_NAME)}")
         if t.sm < 0:
             E.add("malformed", f"{_tl(t)}: negative SM id")
         elif tgt is not None and t.sm >= tgt.sm_count:
             E.add("resource", f"{_tl(t)}: SM {t.sm} is outside {tgt.name}'s {tgt.sm_count} SMs")
         elif num_sms is not None and t.sm >= num_sms:
             E.add("resource", f"{_tl(t)}: SM {t.sm} is outside meta.num_sms = {num_sms}")
-        if len(t.waits) > MAX_WAITS:
-            E.add("malformed", f"{_tl(t)}: {len(t.waits)} waits; an instruction holds {MAX_WAITS}")
+        if len(t.waits) > ir.MAX_WAITS:
+            E.add("malformed", f"{_tl(t)}: {len(t.waits)} waits; an instruction holds {ir.MAX_WAITS}")
         for w in t.waits:
             if not (isinstance(w, Wait) and _is_int(w.counter) and _is_int(w.threshold) and 0 <= w.counter < nc):
-                E.add("malformed", f"{_tl(t)}: wait {w!r} must name a counter id in 0..{nc - 1} and an int threshold")
+                E.add("malformed", f"{_tl(t)}: wait {w!r} must name one of the {nc} counters and an int threshold")
                 sound = False
             elif w.threshold < 1:
                 E.add("malformed", f"{_tl(t)}: waits for {_cl(prog.counters[w.counter])} >= {w.threshold}; "
                                    f"thresholds start at 1")
         if t.signal is not None and not (_is_int(t.signal) and 0 <= t.signal < nc):
-            E.add("malformed", f"{_tl(t)}: signal {t.signal!r} is not a counter id (0..{nc - 1}) or None")
+            E.add("malformed", f"{_tl(t)}: signal {t.signal!r} is not None or a counter id ({nc} counters)")
             sound = False
         regions_ok = True
         for rw, regions in (("read", t.reads), ("write", t.writes)):
@@ -373,16 +353,18 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
         if regions_ok:
             _check_footprint(t, p, prog.buffers, E)
         try:
-            need = task_smem_bytes(prog, t)
+            need = ir.task_smem_bytes(prog, t)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             need = 0
         if need > smem_need:
             smem_need, smem_task = need, t
-    total = SMEM_RESERVED + smem_need
+    total = ir.SMEM_RESERVED + smem_need
     if tgt is not None and total > tgt.smem_per_block:
         assert smem_task is not None
+        detail = ", ".join(f"{k} = {v}" for k, v in smem_task.params.items()
+                           if k in ("k", "n_heads", "n_kv_heads", "head_dim", "kv_block"))
         E.add("resource", f"shared memory: the kernel needs {total} bytes per block ({_tl(smem_task)} needs "
-                          f"{smem_need} with params {smem_task.params}, plus {SMEM_RESERVED} reserved) but "
+                          f"{smem_need} for {detail}, plus {ir.SMEM_RESERVED} reserved) but "
                           f"{tgt.name} allows {tgt.smem_per_block}")
     return sound
 
@@ -439,15 +421,19 @@ def _simulate(prog: Program, sigs: list[list[int]], E: _Errors) -> list[int]:
         return [w for w in tasks[tid].waits if value[w.counter] < w.threshold]
 
     # Follow "waits for a signaller queued behind another stuck head" to find a cycle.
-    path, at = [], min(stuck.values())
-    while at not in path:
-        path.append(at)
-        nxt = [s for w in unmet(at)[:1] for s in sigs[w.counter] if not done[s]]
-        if not nxt:
+    cyc: list[int] = []
+    for start in sorted(stuck.values()):
+        path, at = [], start
+        while at not in path:
+            path.append(at)
+            nxt = [s for w in unmet(at)[:1] for s in sigs[w.counter] if not done[s]]
+            if not nxt:
+                break
+            at = stuck[tasks[nxt[0]].sm]
+        else:
+            cyc = path[path.index(at):] + [at]
             break
-        at = stuck[tasks[nxt[0]].sm]
-    if at in path:
-        cyc = path[path.index(at):] + [at]
+    if cyc:
         steps = []
         for a, b in zip(cyc, cyc[1:], strict=False):
             w = unmet(a)[0]
@@ -508,9 +494,10 @@ def _at_least(sets: list[int], k: int) -> int:
 def _happens_before(prog: Program, order: list[int], sigs: list[list[int]]) -> tuple[list[int], list[int], int]:
     """anc[tid]: bitset (by run position) of the tasks that finish before ``tid`` starts in every
     execution. A wait (c, t) guarantees x finished when fewer than t of the signallers that can
-    finish before the waiter (all but the waiter and its known descendants) are not descendants
-    of x. Signallers later in the run order use the previous pass's sets (first pass: none),
-    so passes repeat while that changes anything; every pass is sound."""
+    be among the first t to finish (not the waiter's known descendants, not those that
+    themselves wait for c >= t) are not descendants of x. Signallers later in the run order
+    use the previous pass's sets (first pass: none), so passes repeat
+    while that changes anything; every pass is sound."""
     tasks = prog.tasks
     pos = [0] * len(tasks)
     for i, tid in enumerate(order):
@@ -535,19 +522,24 @@ def _happens_before(prog: Program, order: list[int], sigs: list[list[int]]) -> t
                 c, th = w.counter, w.threshold
                 if th < 1:
                     continue
-                lst, k = sig_run[c], ran[c]
-                if k == len(lst):
-                    g = cache.get((c, th))
-                    if g is None:
-                        g = cache[(c, th)] = _at_least([anc[s] | (1 << pos[s]) for s in lst], len(lst) - th + 1)
-                else:
-                    partial = True
-                    sets = [anc[s] | (1 << pos[s]) for s in lst[:k]]
-                    for s in lst[k:]:
-                        if s == tid or (prev is not None and (prev[s] >> pos[tid]) & 1):
-                            continue  # the waiter itself or its descendant: cannot help
-                        sets.append((prev[s] if prev is not None else 0) | (1 << pos[s]))
+                lst, k, full = sig_run[c], ran[c], ran[c] == len(sig_run[c])
+                g = cache.get((c, th)) if full else None
+                if g is None:
+                    sets = []
+                    for i, s in enumerate(lst):
+                        if any(v.counter == c and v.threshold >= th for v in tasks[s].waits):
+                            continue  # s starts only once c >= th: never among the first th to finish
+                        if i < k:
+                            sets.append(anc[s] | (1 << pos[s]))
+                        elif prev is None:
+                            sets.append(1 << pos[s])
+                        elif not (prev[s] >> pos[tid]) & 1:  # a descendant of the waiter cannot help
+                            sets.append(prev[s] | (1 << pos[s]))
                     g = _at_least(sets, len(sets) - th + 1)
+                    if full:
+                        cache[(c, th)] = g
+                    else:
+                        partial = True
                 a |= g
             anc[tid] = a
             if t.signal is not None:
@@ -586,15 +578,9 @@ def _check_accesses(prog: Program, order: list[int], anc: list[int], pos: list[i
         active: list[int] = []
         for j, (lo, _hi) in enumerate(keys):  # sweep: every overlapping pair of distinct intervals
             active = [i for i in active if keys[i][1] > lo]
-            rj, wj, aj = masks[j]
             for i in active:
-                ri, wi, ai = masks[i]
-                conf[j][0] |= wi | ai
-                conf[j][1] |= wi | ai | ri
-                conf[j][2] |= wi | ri
-                conf[i][0] |= wj | aj
-                conf[i][1] |= wj | aj | rj
-                conf[i][2] |= wj | rj
+                for x, (r, w, a) in ((i, masks[j]), (j, masks[i])):
+                    conf[x][0], conf[x][1], conf[x][2] = conf[x][0] | w | a, conf[x][1] | w | a | r, conf[x][2] | w | r
             active.append(j)
         by_task = acc[bid]
         for j, (lo, hi) in enumerate(keys):
@@ -645,7 +631,12 @@ def _report_races(prog: Program, order: list[int], bad: int, tid: int,
         if not E.room("race"):
             E.add("race", "", len(qs) - i)
             return
-        x, y = sorted((order[q], tid))  # name the pair in program (id) order
+        x, y = sorted((order[q], tid))  # name the pair in intended order: signaller, else id order
+        if tasks[y].signal is not None and any(w.counter == tasks[y].signal for w in tasks[x].waits):
+            x, y = y, x
+        if (x, y, b.id) in E.seen:
+            continue
+        E.seen.add((x, y, b.id))
         rx, ax, bx, ry, ay, by = next((rx, ax, bx, ry, ay, by) for rx, ax, bx in by_task[x] for ry, ay, by in by_task[y]
                                       if ry in _CONFLICT[rx] and max(ax, ay) < min(bx, by))
         kind = "WAW" if "r" not in (rx, ry) else ("RAW" if ry == "r" else "WAR")
@@ -663,16 +654,16 @@ def _report_races(prog: Program, order: list[int], bad: int, tid: int,
 # -- entry points -------------------------------------------------------------------
 
 def validate(program: Program, target: GpuTarget | None = None) -> Result:
-    """Prove ``program`` safe on ``target`` (default: ``TARGETS[program.meta["target"]]``)."""
+    """Prove ``program`` safe on ``target`` (default: ``ir.TARGETS[program.meta["target"]]``)."""
     t0 = time.perf_counter()
     E = _Errors()
     stats: dict[str, Any] = {"tasks": 0, "counters": 0, "edges": 0}
     try:
         meta = program.meta if isinstance(program.meta, dict) else {}
         if target is None and meta.get("target") is not None:
-            target = TARGETS.get(meta["target"]) if isinstance(meta["target"], str) else None
+            target = ir.TARGETS.get(meta["target"]) if isinstance(meta["target"], str) else None
             if target is None:
-                E.add("malformed", f"meta.target {meta['target']!r} is not a known GPU; known: {', '.join(TARGETS)}")
+                E.add("malformed", f"meta.target {meta['target']!r} is not a known GPU; known: {', '.join(ir.TARGETS)}")
         stats["target"] = target.name if target is not None else None
         if _check_wellformed(program, target, E):
             tasks = program.tasks
@@ -708,27 +699,18 @@ _FIELDS: dict[str, dict[str, str]] = {
 def _json_problems(d: Any) -> list[str]:
     if not isinstance(d, dict):
         return [f"the program must be a JSON object, got {type(d).__name__}"]
-    out = [] if d.get("version") == IR_VERSION else [f"version: expected {IR_VERSION}, got {d.get('version')!r}"]
+    out = [] if d.get("version") == ir.IR_VERSION else [f"version: expected {ir.IR_VERSION}, got {d.get('version')!r}"]
     if not isinstance(d.get("meta", {}), dict):
         out.append("meta: must be an object")
 
     def bad(v: Any, ty: str) -> bool:
-        ty = ty.rstrip("?")
-        if ty == "int":
-            return not _is_int(v)
-        if ty == "str":
-            return not isinstance(v, str)
-        if ty == "dict":
-            return not isinstance(v, dict)
-        if ty in ("kind", "dtype"):
-            return v not in [e.value for e in (BufferKind if ty == "kind" else DType)]
-        if not isinstance(v, list):
-            return True
-        if ty == "ints":
-            return not all(_is_int(s) for s in v)
-        keys = ("counter", "threshold") if ty == "waits" else ("buffer", "lo", "hi")
-        return not all(isinstance(r, dict) and all(_is_int(r.get(k)) for k in keys)
-                       and isinstance(r.get("mode", ""), str) for r in v)
+        if ty in ("regions", "waits"):
+            keys = ("counter", "threshold") if ty == "waits" else ("buffer", "lo", "hi")
+            return not (isinstance(v, list) and all(isinstance(r, dict) and all(_is_int(r.get(k)) for k in keys)
+                                                    and isinstance(r.get("mode", ""), str) for r in v))
+        return not {"int": _is_int(v), "str": isinstance(v, str), "dict": isinstance(v, dict),
+                    "ints": isinstance(v, list) and all(map(_is_int, v)),
+                    "kind": v in [k.value for k in BufferKind], "dtype": v in [d.value for d in DType]}[ty]
 
     for section, fields in _FIELDS.items():
         items = d.get(section)
@@ -743,7 +725,7 @@ def _json_problems(d: Any) -> list[str]:
                 if key not in item:
                     if not ty.endswith("?"):
                         out.append(f"{section}[{i}]: missing field {key!r}")
-                elif not (key == "signal" and item[key] is None) and bad(item[key], ty):
+                elif not (key == "signal" and item[key] is None) and bad(item[key], ty.rstrip("?")):
                     out.append(f"{section}[{i}].{key}: expected {ty.rstrip('?')}, got {item[key]!r}"[:200])
     return out
 
@@ -753,7 +735,7 @@ def validate_json(text: str | bytes, target: GpuTarget | None = None) -> Result:
     t0 = time.perf_counter()
     try:
         data = json.loads(text)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         problems = [f"not JSON: {e}"]
     else:
         problems = _json_problems(data)
