@@ -81,10 +81,14 @@ def schedule_id(sf: ScheduleFile, sched: Schedule) -> str:
 def lower_schedule(sf: ScheduleFile, sched: Schedule) -> Program:
     """Lower; a schedule the target cannot hold raises Rejected."""
     from pytest_amk.lower import LoweringError, lower
-    from pytest_amk.models import config_for
+    from pytest_amk.models import HfModelError, config_for
 
     try:
-        return lower(config_for(sf.model.id), get_target(sf.gpu), sched.knobs, sf.model.dtype, sf.model.max_seq)
+        cfg = config_for(sf.model.id)
+    except (HfModelError, KeyError) as e:  # unsupported or unreadable model: cannot be lowered
+        raise Rejected(str(e).strip("'\"")) from None
+    try:
+        return lower(cfg, get_target(sf.gpu), sched.knobs, sf.model.dtype, sf.model.max_seq)
     except LoweringError as e:
         raise Rejected(str(e)) from None
 

@@ -57,7 +57,12 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def config_for(model_id: str) -> LlamaConfig:
-    """The config of a model id: a preset name (``hf:`` paths come with the HF importer)."""
+    """The config of a model id: a preset name, or ``hf:<path>`` (read from its config.json;
+    raises ``hf.UnsupportedModel`` / ``hf.HfModelError``, both ValueErrors, naming the problem)."""
     if model_id in PRESETS:
         return PRESETS[model_id]
-    raise KeyError(f"unknown model {model_id!r}; known: {', '.join(PRESETS)}")
+    if model_id.startswith("hf:"):
+        from pytest_amk.models.hf import config_from_id
+
+        return config_from_id(model_id)
+    raise KeyError(f"unknown model {model_id!r}; known: {', '.join(PRESETS)}, hf:<path>")
