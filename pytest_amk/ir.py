@@ -454,3 +454,71 @@ def task_smem_bytes(program: Program, task: Task) -> int:
 def program_smem_bytes(program: Program) -> int:
     """The kernel's dynamic shared memory: the largest need of any task."""
     return SMEM_RESERVED + max((task_smem_bytes(program, t) for t in program.tasks), default=0)
+
+
+# -- footprints (what each opcode reads and writes; used by the validator) -------------
+
+def footprint(op: str, params: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    """What opcode ``op`` reads and writes with ``params``: (param, "r"|"w", lo, hi) per range.
+
+    This is the one definition of each opcode's footprint, derived from its doc in
+    ``OPS``: ``param`` names the buffer-id param, [lo, hi) the elements of that buffer
+    read ("r") or written ("w"). Ranges behind an optional buffer param set to -1 are
+    still listed; callers skip them. Runtime values (token, pos, seq_len) are covered
+    conservatively. Raises ValueError for params the op cannot run with. The validator
+    checks declared task regions against it."""
+    p = params
+    if op == "EMBED":
+        if p["hi"] > p["hidden"]:
+            raise ValueError(f"hi = {p['hi']} exceeds hidden = {p['hidden']}")
+        return [("token", "r", 0, 1), ("table", "r", p["lo"], p["hi"]), ("out", "w", p["lo"], p["hi"])]
+    if op == "RMSNORM":
+        lo, hi = p["lo"], p["hi"]
+        return [("inp", "r", 0, p["n"]), ("weight", "r", lo, hi), ("out", "w", lo, hi)]
+    if op in ("GEMV", "LM_HEAD"):
+        lo, hi, k = p["n_lo"], p["n_hi"], p["k"]
+        fp = [("inp", "r", 0, k), ("weight", "r", lo * k, hi * k), ("norm_weight", "r", 0, k),
+              ("out", "w", lo, hi)]
+        if op == "LM_HEAD":
+            return fp + [("amax", "w", 2 * p["tile"], 2 * p["tile"] + 2)]
+        if p["act"] not in (0, 1):
+            raise ValueError(f"act = {p['act']} (expected 0 or 1)")
+        if p["act"]:
+            fp.append(("weight", "r", (p["up_row"] + lo) * k, (p["up_row"] + hi) * k))
+        return fp + [("residual", "r", lo, hi)]
+    if op in ("ROPE_APPEND", "ATTN_PARTIAL"):
+        nh, nkv, d, s, g = p["n_heads"], p["n_kv_heads"], p["head_dim"], p["max_seq"], p["kv_head"]
+        if nkv < 1 or nh % nkv or d < 1 or s < 1 or not 0 <= g < nkv:
+            raise ValueError(f"n_heads = {nh}, n_kv_heads = {nkv}, head_dim = {d}, max_seq = {s}, "
+                             f"kv_head = {g} are inconsistent")
+        rep = nh // nkv
+        q = (g * rep * d, (g + 1) * rep * d)
+        if op == "ROPE_APPEND":
+            if d % 2:
+                raise ValueError(f"head_dim = {d} must be even for RoPE")
+            kv = (g * s * d, (g + 1) * s * d)
+            ko, vo = (nh + g) * d, (nh + nkv + g) * d
+            return [("qkv", "r", *q), ("qkv", "r", ko, ko + d), ("qkv", "r", vo, vo + d),
+                    ("rope", "r", 0, s * d), ("pos", "r", 0, 1), ("q_out", "w", *q),
+                    ("k_cache", "w", *kv), ("v_cache", "w", *kv)]
+        blk, kb, nb = p["blk"], p["kv_block"], p["n_blocks"]
+        if kb < 1 or not 0 <= blk < nb:
+            raise ValueError(f"blk = {blk}, kv_block = {kb}, n_blocks = {nb} are inconsistent")
+        kv = ((g * s + blk * kb) * d, (g * s + min(s, (blk + 1) * kb)) * d)
+        return [("q", "r", *q), ("k_cache", "r", *kv), ("v_cache", "r", *kv), ("seq_len", "r", 0, 1)] + [
+            ("partial", "w", (h * nb + blk) * (d + 2), (h * nb + blk + 1) * (d + 2))
+            for h in range(g * rep, (g + 1) * rep)]
+    if op == "ATTN_COMBINE":
+        w, d = p["n_blocks"] * (p["head_dim"] + 2), p["head_dim"]
+        return [("partial", "r", p["head_lo"] * w, p["head_hi"] * w),
+                ("out", "w", p["head_lo"] * d, p["head_hi"] * d)]
+    if op == "ADD":
+        lo, hi = p["lo"], p["hi"]
+        return [("a", "r", lo, hi), ("b", "r", lo, hi), ("out", "w", lo, hi)]
+    if op == "SILU_MUL":
+        lo, hi, up = p["lo"], p["hi"], p["up_off"]
+        return [("inp", "r", lo, hi), ("inp", "r", up + lo, up + hi), ("out", "w", lo, hi)]
+    if op == "ARGMAX":
+        return [("amax", "r", 0, 2 * p["n_tiles"]), ("out", "w", 0, 1)]
+    return []  # NOP
+
