@@ -1,0 +1,391 @@
+"""Loading and launching the VM with PyCUDA inside torch's primary context.
+
+torch and PyCUDA are imported inside functions only. The module is loaded into
+the primary context of torch's current device (retained and pushed once), so
+torch tensors are passed by pointer and torch's default stream (the legacy null
+stream) orders our launches with torch's own work.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_amk import ir
+from pytest_amk.gpu.build import BuildConfig, build_cubin, find_nvcc
+from pytest_amk.gpu.checks import check_program, input_limits
+from pytest_amk.gpu.errors import (
+    GpuFault,
+    GpuUnavailable,
+    ProgramCheckError,
+    ResidencyError,
+    WatchdogTimeout,
+)
+
+ERR_WORDS = 8  # AMK_ERR_WORDS in vm/amk_common.cuh
+FAULT_WATCHDOG, FAULT_BAD_OPCODE, FAULT_BAD_INPUT = 1, 2, 3
+DEFAULT_WATCHDOG_S = 2.0
+DEFAULT_PREFETCH_BYTES = 64 << 10  # L2 prefetch per weight range and instruction (0: off)
+ARG_FORMAT = "PPPPiPPPq"  # instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, ns
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> tuple[bool, str]:
+    """(True, "") when a CUDA device, torch with CUDA, PyCUDA and nvcc are all usable."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError as e:
+        return False, f"PyCUDA is not importable ({e})"
+    if find_nvcc() is None:
+        return False, "nvcc not found"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    arch: str
+    sm_count: int
+    regs_per_sm: int
+    smem_per_sm: int
+    smem_optin_per_block: int
+    smem_reserved_per_block: int
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    l2_bytes: int
+
+
+_CTX: dict[str, Any] = {}
+
+
+def _pop_context() -> None:
+    ctx = _CTX.pop("ctx", None)
+    if ctx is not None:
+        try:
+            ctx.pop()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass
+
+
+def device_info() -> DeviceInfo:
+    """Push the primary context of torch's current device (once) and describe the device."""
+    if "info" in _CTX:
+        return _CTX["info"]
+    ok, why = available()
+    if not ok:
+        raise GpuUnavailable(why)
+    import pycuda.driver as drv
+    import torch
+
+    index = torch.cuda.current_device()
+    torch.zeros(1, device=f"cuda:{index}")  # torch creates (and makes current) the primary context
+    drv.init()
+    dev = drv.Device(index)
+    ctx = dev.retain_primary_context()
+    ctx.push()
+    _CTX["ctx"] = ctx
+    atexit.register(_pop_context)
+    a = drv.device_attribute
+    major, minor = dev.compute_capability()
+    info = DeviceInfo(
+        index=index, name=dev.name(), arch=f"sm_{major}{minor}",
+        sm_count=dev.get_attribute(a.MULTIPROCESSOR_COUNT),
+        regs_per_sm=dev.get_attribute(a.MAX_REGISTERS_PER_MULTIPROCESSOR),
+        smem_per_sm=dev.get_attribute(a.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+        smem_optin_per_block=dev.get_attribute(a.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+        smem_reserved_per_block=dev.get_attribute(a.RESERVED_SHARED_MEMORY_PER_BLOCK),
+        max_threads_per_sm=dev.get_attribute(a.MAX_THREADS_PER_MULTIPROCESSOR),
+        max_blocks_per_sm=dev.get_attribute(a.MAX_BLOCKS_PER_MULTIPROCESSOR),
+        l2_bytes=int(torch.cuda.get_device_properties(index).L2_cache_size),
+    )
+    _CTX["info"] = info
+    return info
+
+
+@dataclass
+class Kernel:
+    config: BuildConfig
+    func: Any
+    module: Any
+    num_regs: int
+    static_smem: int
+    local_bytes: int
+    cached_build: bool
+
+
+_KERNELS: dict[BuildConfig, Kernel] = {}
+
+
+def load_kernel(config: BuildConfig) -> Kernel:
+    """Build (or reuse the cached cubin) and load the VM for ``config``; one module per config."""
+    if config in _KERNELS:
+        return _KERNELS[config]
+    device_info()
+    import pycuda.driver as drv
+
+    built = build_cubin(config)
+    module = drv.module_from_buffer(built.cubin.read_bytes())
+    func = module.get_function("amk_vm")
+    func.prepare(ARG_FORMAT)
+    fa = drv.function_attribute
+    k = Kernel(config, func, module, func.get_attribute(fa.NUM_REGS), func.get_attribute(fa.SHARED_SIZE_BYTES),
+               func.get_attribute(fa.LOCAL_SIZE_BYTES), built.cached)
+    _KERNELS[config] = k
+    return k
+
+
+def blocks_per_sm(kernel: Kernel, threads: int, dyn_smem: int, dev: DeviceInfo) -> int:
+    """How many blocks of this kernel fit on one SM (registers, shared memory, threads)."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-kernel.num_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = dev.regs_per_sm // max(1, regs_per_warp * warps)
+    smem = kernel.static_smem + dyn_smem + dev.smem_reserved_per_block
+    by_smem = dev.smem_per_sm // smem
+    by_threads = dev.max_threads_per_sm // threads
+    return max(0, min(by_regs, by_smem, by_threads, dev.max_blocks_per_sm))
+
+
+@dataclass
+class Timing:
+    median_us: float
+    samples_us: list[float]
+    device_name: str
+    flushed_l2: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class GpuRunner:
+    """One program bound to its buffers on the GPU, ready to launch decode steps.
+
+    ``tensors`` maps buffer id -> a contiguous CUDA tensor of the buffer's dtype and
+    size (e.g. ``refvm.alloc_buffers(program, weights, "cuda")``); they are used in
+    place. ``validate`` runs the static validator first (fault-injection tests pass
+    False); the memory-safety checks always run. ``watchdog_s`` bounds every wait.
+    """
+
+    def __init__(self, program: ir.Program, tensors: dict[int, Any], *, validate: bool = True,
+                 watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 arch: str | None = None) -> None:
+        import numpy as np
+        import torch
+
+        self.program = program
+        self.tensors = tensors
+        self.watchdog_s = float(watchdog_s)
+        errors = check_program(program)
+        if errors:
+            raise ProgramCheckError("program is unsafe to launch: " + "; ".join(errors[:5])
+                                    + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""))
+        if validate:
+            self._validate()
+        self.dev = device_info()
+        self.config = BuildConfig.for_program(program, arch or self.dev.arch)
+        self.kernel = load_kernel(self.config)
+        device = torch.device("cuda", self.dev.index)
+
+        # Buffer table (id -> pointer), checked against the program's buffers.
+        n_buf = 1 + max((b.id for b in program.buffers), default=-1)
+        ptrs = np.zeros(max(1, n_buf), dtype=np.int64)
+        for b in program.buffers:
+            t = tensors.get(b.id)
+            if t is None:
+                raise ProgramCheckError(f"no tensor for buffer {b.id} ({b.name!r})")
+            if (not t.is_cuda or t.device.index != self.dev.index or not t.is_contiguous()
+                    or t.dtype != b.dtype.torch() or t.numel() != b.numel):
+                raise ProgramCheckError(
+                    f"tensor for buffer {b.name!r} must be a contiguous {b.dtype.value} CUDA tensor on "
+                    f"device {self.dev.index} of {b.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            ptrs[b.id] = t.data_ptr()
+        self.num_buffers = n_buf
+
+        # Instructions in queue order; queue q is instrs[start[q] : start[q] + len[q]].
+        queues = program.queues()
+        self.order = [t for q in queues for t in q]
+        words = np.array([ir.encode_task(t) for t in self.order] or [[0] * ir.INSTR_WORDS], dtype=np.int32)
+        lens = np.array([len(q) for q in queues], dtype=np.int32)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+        pf = self._prefetch_table(ptrs, prefetch_bytes)
+
+        def dev_tensor(a: Any) -> Any:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        self._instrs, self._starts, self._lens = dev_tensor(words), dev_tensor(starts), dev_tensor(lens)
+        self._ptrs, self._prefetch = dev_tensor(ptrs), dev_tensor(pf)
+        n_counters = 1 + max((c.id for c in program.counters), default=0)
+        self._counters = torch.zeros(n_counters, dtype=torch.int32, device=device)
+        self._err = torch.zeros(ERR_WORDS, dtype=torch.int32, device=device)
+
+        # Dynamic shared memory: the buffer table, then the largest op scratch.
+        self.dyn_smem = -(-n_buf * 8 // 16) * 16 + ir.program_smem_bytes(program)
+        limit = self.dev.smem_optin_per_block - self.kernel.static_smem
+        if self.dyn_smem > limit:
+            raise ResidencyError(f"program needs {self.dyn_smem} B of dynamic shared memory per block; "
+                                 f"{self.dev.name} allows {limit} B")
+        import pycuda.driver as drv
+
+        self.kernel.func.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, self.dyn_smem)
+        self.grid = len(queues)
+        per_sm = blocks_per_sm(self.kernel, self.config.threads, self.dyn_smem, self.dev)
+        if self.grid > per_sm * self.dev.sm_count:
+            raise ResidencyError(
+                f"{self.grid} SM queues cannot be co-resident on {self.dev.name}: {per_sm} block(s) per SM x "
+                f"{self.dev.sm_count} SMs ({self.kernel.num_regs} registers x {self.config.threads} threads, "
+                f"{self.kernel.static_smem + self.dyn_smem} B shared memory per block)")
+        self.vocab, self.max_seq = input_limits(program)
+        self._ids = {name: self._buffer_id(name) for name in ("token", "pos", "seq_len", "logits", "next_token")}
+
+    # -- setup helpers ---------------------------------------------------------------
+    def _validate(self) -> None:
+        try:
+            from pytest_amk.validate import validate
+        except ImportError:  # validator not available: the caller proves programs itself
+            return
+        target = ir.get_target(str(self.program.meta.get("target", "h100")))
+        result = validate(self.program, target)
+        if not result.ok:
+            raise ProgramCheckError("validator: " + "; ".join(e.message for e in result.errors[:5]))
+
+    def _buffer_id(self, name: str) -> int | None:
+        try:
+            return self.program.buffer(name).id
+        except KeyError:
+            return None
+
+    def _prefetch_table(self, ptrs: Any, cap: int) -> Any:
+        """Per instruction two (address, bytes) L2 prefetch ranges of its weight rows."""
+        import numpy as np
+
+        pf = np.zeros((max(1, len(self.order)), 2, 2), dtype=np.int64)
+        if cap <= 0:
+            return pf
+        sizes = {b.id: b.dtype.nbytes for b in self.program.buffers}
+        for i, t in enumerate(self.order):
+            if t.op not in ("GEMV", "LM_HEAD"):
+                continue
+            p = t.params
+            w, k, lo, hi = p["weight"], p["k"], p["n_lo"], p["n_hi"]
+            rows = [lo] + ([p["up_row"] + lo] if t.op == "GEMV" and p["act"] == 1 else [])
+            for r, row in enumerate(rows):
+                start = int(ptrs[w]) + row * k * sizes[w]
+                end = start + (hi - lo) * k * sizes[w]
+                a = (start + 15) & ~15  # the bulk prefetch wants 16-byte alignment and size
+                n = min(cap, end - a) & ~15
+                if n >= 16:
+                    pf[i, r] = (a, n)
+        return pf
+
+    # -- running ---------------------------------------------------------------------
+    def set_inputs(self, token: int, pos: int) -> None:
+        if self.vocab is not None and not 0 <= token < self.vocab:
+            raise ValueError(f"token {token} outside [0, {self.vocab})")
+        if self.max_seq is not None and not 0 <= pos < self.max_seq:
+            raise ValueError(f"position {pos} outside [0, {self.max_seq})")
+        for name, value in (("token", token), ("pos", pos), ("seq_len", pos + 1)):
+            bid = self._ids[name]
+            if bid is not None:
+                self.tensors[bid].fill_(value)
+
+    def launch(self) -> None:
+        """Zero counters and the error record, then launch (asynchronously, null stream)."""
+        import torch
+
+        stream = torch.cuda.current_stream(self.dev.index)
+        if stream.cuda_stream != 0:  # our launch goes to the null stream: order it by hand
+            stream.synchronize()
+        self._reset()
+        self._launch_raw()
+
+    def _reset(self) -> None:
+        self._counters.zero_()
+        self._err.zero_()
+
+    def _launch_raw(self) -> None:
+        self.kernel.func.prepared_call(
+            (self.grid, 1, 1), (self.config.threads, 1, 1),
+            self._instrs.data_ptr(), self._starts.data_ptr(), self._lens.data_ptr(), self._ptrs.data_ptr(),
+            self.num_buffers, self._counters.data_ptr(), self._err.data_ptr(), self._prefetch.data_ptr(),
+            int(self.watchdog_s * 1e9), shared_size=self.dyn_smem)
+
+    def check(self) -> None:
+        """Synchronise and raise GpuFault / WatchdogTimeout from the error record."""
+        import pycuda.driver as drv
+        import torch
+
+        try:
+            torch.cuda.synchronize(self.dev.index)
+            drv.Context.synchronize()
+        except (RuntimeError, drv.Error) as e:
+            raise GpuFault(f"the VM launch failed: {e}") from None
+        err = self._err.cpu().tolist()
+        if err[0] == 0:
+            return
+        code, sm, gi, op, counter, value, threshold, extra = err
+        task = self.order[gi] if 0 <= gi < len(self.order) else None
+        tid = task.id if task else None
+        opname = ir.OPS_BY_CODE[op].name if op in ir.OPS_BY_CODE else f"opcode {op}"
+        where = f"task {tid} ({opname}) on SM {sm}"
+        kw = dict(code=code, task=tid, op=opname, sm=sm, counter=counter, value=value, threshold=threshold)
+        if code == FAULT_WATCHDOG:
+            raise WatchdogTimeout(
+                f"watchdog: {where} waited more than {self.watchdog_s:g} s for counter {counter} >= "
+                f"{threshold} (value {value}); the kernel aborted", **kw)
+        if code == FAULT_BAD_OPCODE:
+            raise GpuFault(f"bad opcode {op} at {where}", **kw)
+        if code == FAULT_BAD_INPUT:
+            raise GpuFault(f"{where}: runtime input {value} out of range (limit {threshold})", **kw)
+        raise GpuFault(f"unknown fault code {code} at {where}", **kw)
+
+    def run_step(self, token: int, pos: int) -> Any:
+        """One decode step: write inputs, launch, wait, check. Returns a copy of the logits."""
+        self.set_inputs(token, pos)
+        self.launch()
+        self.check()
+        lid = self._ids["logits"]
+        return self.tensors[lid].clone() if lid is not None else None
+
+    def next_token(self) -> int | None:
+        nid = self._ids["next_token"]
+        return int(self.tensors[nid][0]) if nid is not None else None
+
+    def time_step(self, token: int = 0, pos: int = 0, *, warmup: int = 3, iters: int = 20,
+                  flush_l2: bool = True) -> Timing:
+        """Median kernel time (CUDA events) of ``iters`` launches after ``warmup``.
+
+        With ``flush_l2`` a buffer twice the L2 size is overwritten before each launch
+        (outside the timed region), so weights come from HBM as in a real decode.
+        """
+        import torch
+
+        self.run_step(token, pos)  # faults surface here, before any timing
+        flush = torch.empty(2 * self.dev.l2_bytes, dtype=torch.uint8, device=f"cuda:{self.dev.index}") \
+            if flush_l2 else None
+        events = []
+        for _ in range(warmup + iters):
+            if flush is not None:
+                flush.fill_(1)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._reset()
+            start.record()
+            self._launch_raw()
+            end.record()
+            events.append((start, end))
+        self.check()
+        samples = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
+        return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
+
+    def resources(self) -> dict[str, Any]:
+        """What the launch uses, for reports."""
+        return {"registers": self.kernel.num_regs, "static_smem": self.kernel.static_smem,
+                "local_bytes": self.kernel.local_bytes, "dynamic_smem": self.dyn_smem, "grid": self.grid,
+                "threads": self.config.threads, "pipe": self.config.pipe, "dtype": self.config.dtype,
+                "arch": self.config.arch, "device": self.dev.name, "sm_count": self.dev.sm_count}

@@ -1,0 +1,141 @@
+"""The CUDA VM compiles for the supported GPUs without spills and fits one block
+per SM; the launcher's memory-safety checks accept lowered programs and reject
+out-of-bounds ones. Needs nvcc, no GPU (runs in CI)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_amk import ir
+from pytest_amk.gpu import build
+from pytest_amk.gpu.checks import check_program
+
+NVCC = build.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME): CUDA build not checked")
+
+# sm_90 (H100/H200) in every model dtype; one dtype each elsewhere keeps CI time moderate.
+BUILDS = [
+    ("sm_90", "fp32", 256, 2),
+    ("sm_90", "fp16", 256, 2),
+    ("sm_90", "bf16", 256, 2),
+    ("sm_90", "fp32", 1024, 8),  # largest block (64-register cap) with the deepest pipelining
+    ("sm_90", "bf16", 128, 16),  # most registers per thread the VM asks for
+    ("sm_80", "fp16", 256, 4),
+    ("sm_120", "bf16", 512, 4),
+]
+
+
+@pytest.fixture(scope="session")
+def vm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A fresh cache: these tests must really run nvcc, not read an old cubin.
+    return tmp_path_factory.mktemp("amk-vm-cache")
+
+
+def _arch_supported(arch: str) -> bool:
+    out = subprocess.run([str(NVCC), "--list-gpu-arch"], capture_output=True, text=True, check=False)
+    return out.returncode != 0 or f"compute_{arch[3:]}" in out.stdout
+
+
+@needs_nvcc
+@pytest.mark.parametrize(("arch", "dtype", "threads", "pipe"), BUILDS,
+                         ids=[f"{a}-{d}-t{t}-p{p}" for a, d, t, p in BUILDS])
+def test_vm_builds_without_spills(vm_cache: Path, arch: str, dtype: str, threads: int, pipe: int) -> None:
+    if not _arch_supported(arch):
+        pytest.skip(f"{NVCC} cannot target {arch}")
+    res = build.build_cubin(build.BuildConfig(dtype, threads, pipe, arch), cache=vm_cache)
+    r = res.report
+    assert res.cubin.stat().st_size > 0
+    assert (r.spill_stores, r.spill_loads) == (0, 0), f"spills: {r}\n{res.log}"
+    assert r.stack_frame == 0, f"local-memory stack frame: {r}"
+    # One block per SM must stay resident: registers within the per-SM file.
+    assert r.registers * threads <= 65536, f"{r.registers} registers x {threads} threads"
+
+
+@needs_nvcc
+def test_build_cache_is_keyed_on_config(vm_cache: Path) -> None:
+    cfg = build.BuildConfig("bf16", 256, 2, "sm_90")
+    first = build.build_cubin(cfg, cache=vm_cache)
+    again = build.build_cubin(cfg, cache=vm_cache)
+    assert again.cached and again.cubin == first.cubin and again.report == first.report
+    other = build.build_key(build.BuildConfig("bf16", 256, 4, "sm_90"), str(NVCC))
+    assert other != build.build_key(cfg, str(NVCC))
+
+
+def test_header_is_generated_not_checked_in() -> None:
+    vm = build.vm_dir()
+    assert not (vm / build.HEADER_NAME).exists(), "amk_ir.h must be generated from ir.py at build time"
+    header = ir.cuda_header()
+    for op in ir.OPS:
+        assert f"#define OP_{op.name} {op.code}" in header
+    # The VM relies on GEMV and LM_HEAD sharing the first param slots.
+    gemv, lm = ir.OPS_BY_NAME["GEMV"].params, ir.OPS_BY_NAME["LM_HEAD"].params
+    assert gemv[:6] == lm[:6]
+
+
+def test_ptxas_report_parse() -> None:
+    log = ("ptxas info    : Compiling entry function 'amk_vm' for 'sm_90'\n"
+           "ptxas info    : Function properties for amk_vm\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 96 registers, used 1 barriers, 368 bytes smem, 400 bytes cmem[0]\n")
+    assert build.PtxasReport.parse(log) == build.PtxasReport(96, 4, 12, 8, 368)
+    with pytest.raises(build.BuildError):
+        build.PtxasReport.parse("nothing here")
+
+
+def test_build_config_rejects_bad_settings() -> None:
+    for kw in ({"dtype": "int8"}, {"threads": 100}, {"threads": 2048}, {"pipe": 0}, {"arch": "hopper"}):
+        with pytest.raises(build.BuildError):
+            build.BuildConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, pytest_amk.gpu as g; g.GpuError; "
+            "assert 'torch' not in sys.modules and 'pycuda' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- memory-safety checks (no GPU) -------------------------------------------------
+
+def _lowered(model: str = "toy", **knobs: object) -> ir.Program:
+    from pytest_amk.lower import lower
+    from pytest_amk.models import config_for
+    from pytest_amk.schedule import KNOBS
+
+    k = {name: knob.default for name, knob in KNOBS.items()}
+    k.update({name.replace("__", "."): v for name, v in knobs.items()})
+    return lower(config_for(model), ir.get_target("h100"), k, "bf16", 64)
+
+
+@pytest.mark.parametrize("model", ["toy", "toy-4L"])
+def test_lowered_programs_pass_checks(model: str) -> None:
+    assert check_program(_lowered(model)) == []
+
+
+def test_checks_catch_out_of_bounds_and_dtypes() -> None:
+    prog = _lowered("toy")
+    gemv = next(t for t in prog.tasks if t.op == "GEMV")
+    bad = copy.deepcopy(prog)
+    bad.tasks[gemv.id].params["n_hi"] += 10_000
+    assert any("outside buffer" in e for e in check_program(bad))
+
+    bad = copy.deepcopy(prog)
+    bad.tasks[gemv.id].params["weight"] = prog.buffer("rope").id  # fp32 buffer as a bf16 weight
+    assert any("the VM reads bf16" in e for e in check_program(bad))
+
+    bad = copy.deepcopy(prog)
+    attn = next(t for t in bad.tasks if t.op == "ATTN_PARTIAL")
+    attn.params["head_dim"] = 512
+    assert any("head_dim" in e for e in check_program(bad))
+
+    bad = copy.deepcopy(prog)
+    bad.tasks[0].waits.append(ir.Wait(999, 1))
+    assert any("counter 999" in e for e in check_program(bad))
+
+    bad = copy.deepcopy(prog)
+    bad.tasks[0].op = "FROB"
+    assert any("unknown opcode" in e for e in check_program(bad))

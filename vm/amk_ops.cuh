@@ -1,0 +1,521 @@
+// The opcodes of the AMK VM. Each runs with all AMK_THREADS threads of the block
+// and implements the doc string of its OpSpec in pytest_amk/ir.py exactly:
+// fp32 accumulation, rounding to the model dtype at the documented points.
+//
+// Activations, KV and partials are written by other blocks during the same
+// launch: they are read with plain (coherent) loads, never through the
+// read-only path. Only weights (never written) use ld.global.nc.
+#pragma once
+
+#include "amk_common.cuh"
+
+struct AmkCtx {
+    const int* ins;      // the current instruction's words (shared memory)
+    void* const* bufs;   // buffer id -> device pointer (shared memory copy)
+    float* smem;         // the op's dynamic scratch (ir.task_smem_bytes)
+    float* red;          // AMK_WARPS floats of reduction scratch
+    int* err;            // error record
+    int sm;
+    int instr;
+};
+
+template <class P>
+__device__ __forceinline__ P* amk_buf(const AmkCtx& c, int word) {
+    return reinterpret_cast<P*>(c.bufs[c.ins[word]]);
+}
+
+__device__ __forceinline__ float amk_fparam(const AmkCtx& c, int word) {
+    return __int_as_float(c.ins[word]);
+}
+
+__device__ void raise_fault(int* err, int code, int sm, int instr, int op, int counter,
+                            int value, int threshold, int extra) {
+    // First writer wins: claim the record, fill it, then publish the code.
+    if (atomicCAS(err + AMK_ERR_CODE, 0, -1) == 0) {
+        err[AMK_ERR_SM] = sm;
+        err[AMK_ERR_INSTR] = instr;
+        err[AMK_ERR_OP] = op;
+        err[AMK_ERR_COUNTER] = counter;
+        err[AMK_ERR_VALUE] = value;
+        err[AMK_ERR_THRESHOLD] = threshold;
+        err[AMK_ERR_EXTRA] = extra;
+        __threadfence();
+        atomicExch(err + AMK_ERR_CODE, code);
+    }
+}
+
+// ---------------------------------------------------------------- EMBED, ADD, SILU_MUL
+
+__device__ void op_embed(const AmkCtx& c) {
+    const int token = amk_buf<const int>(c, P_EMBED_TOKEN)[0];
+    if (token < 0) {
+        if (threadIdx.x == 0) raise_fault(c.err, AMK_FAULT_BAD_INPUT, c.sm, c.instr, OP_EMBED, -1, token, 0, 0);
+        return;
+    }
+    const amk_t* table = amk_buf<const amk_t>(c, P_EMBED_TABLE);
+    amk_t* out = amk_buf<amk_t>(c, P_EMBED_OUT);
+    const int lo = c.ins[P_EMBED_LO], hi = c.ins[P_EMBED_HI];
+    const amk_t* row = table + (size_t)token * (size_t)c.ins[P_EMBED_HIDDEN];
+    for (int i = lo + threadIdx.x; i < hi; i += AMK_THREADS) out[i] = __ldg(row + i);
+}
+
+__device__ void op_add(const AmkCtx& c) {
+    const amk_t* a = amk_buf<const amk_t>(c, P_ADD_A);
+    const amk_t* b = amk_buf<const amk_t>(c, P_ADD_B);
+    amk_t* out = amk_buf<amk_t>(c, P_ADD_OUT);
+    const int lo = c.ins[P_ADD_LO], hi = c.ins[P_ADD_HI];
+    for (int i = lo + threadIdx.x; i < hi; i += AMK_THREADS) out[i] = from_f(add_rn(to_f(a[i]), to_f(b[i])));
+}
+
+__device__ void op_silu_mul(const AmkCtx& c) {
+    const amk_t* inp = amk_buf<const amk_t>(c, P_SILU_MUL_INP);
+    amk_t* out = amk_buf<amk_t>(c, P_SILU_MUL_OUT);
+    const int lo = c.ins[P_SILU_MUL_LO], hi = c.ins[P_SILU_MUL_HI], up = c.ins[P_SILU_MUL_UP_OFF];
+    for (int i = lo + threadIdx.x; i < hi; i += AMK_THREADS)
+        out[i] = from_f(mul_rn(rnd(silu(to_f(inp[i]))), to_f(inp[up + i])));
+}
+
+// ---------------------------------------------------------------- RMSNORM
+
+// r = rsqrt(mean(inp[0:n]^2) + eps) in fp32, as 1/sqrt (both correctly rounded, like torch).
+__device__ __forceinline__ float rms_scale(const amk_t* inp, int n, float eps, float* red) {
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < n; j += AMK_THREADS) {
+        const float v = to_f(inp[j]);
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss, red);
+    return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
+__device__ __forceinline__ float norm_elem(float x, float r, float w) { return rnd(mul_rn(rnd(mul_rn(x, r)), w)); }
+
+__device__ void op_rmsnorm(const AmkCtx& c) {
+    const amk_t* inp = amk_buf<const amk_t>(c, P_RMSNORM_INP);
+    const amk_t* w = amk_buf<const amk_t>(c, P_RMSNORM_WEIGHT);
+    amk_t* out = amk_buf<amk_t>(c, P_RMSNORM_OUT);
+    const int lo = c.ins[P_RMSNORM_LO], hi = c.ins[P_RMSNORM_HI];
+    const float r = rms_scale(inp, c.ins[P_RMSNORM_N], amk_fparam(c, P_RMSNORM_EPS), c.red);
+    for (int i = lo + threadIdx.x; i < hi; i += AMK_THREADS) out[i] = from_f(norm_elem(to_f(inp[i]), r, ld_weight1(w + i)));
+}
+
+// ---------------------------------------------------------------- GEMV, LM_HEAD
+
+// Stage x = inp[0:k] (RMS-normalised and rounded to dtype if norm_id >= 0) in fp32 smem.
+// One pass over inp (kept in smem for the normalisation); the norm weights, which do
+// not depend on activations, are loaded into registers before the activations.
+#define AMK_NORM_REGS 8
+__device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_id, float eps, float* x) {
+    if (norm_id >= 0) {
+        const amk_t* nw = reinterpret_cast<const amk_t*>(c.bufs[norm_id]);
+        float ss = 0.0f;
+        if (k <= AMK_NORM_REGS * AMK_THREADS) {
+            float wv[AMK_NORM_REGS];
+#pragma unroll
+            for (int t = 0; t < AMK_NORM_REGS; ++t) {
+                const int j = threadIdx.x + t * AMK_THREADS;
+                wv[t] = j < k ? ld_weight1(nw + j) : 0.0f;
+            }
+#pragma unroll
+            for (int t = 0; t < AMK_NORM_REGS; ++t) {
+                const int j = threadIdx.x + t * AMK_THREADS;
+                if (j < k) {
+                    const float v = to_f(inp[j]);
+                    x[j] = v;
+                    ss = fmaf(v, v, ss);
+                }
+            }
+            const float r = 1.0f / sqrtf(block_sum(ss, c.red) / (float)k + eps);
+#pragma unroll
+            for (int t = 0; t < AMK_NORM_REGS; ++t) {
+                const int j = threadIdx.x + t * AMK_THREADS;
+                if (j < k) x[j] = norm_elem(x[j], r, wv[t]);  // each thread rereads only its own x[j]
+            }
+        } else {
+            for (int j = threadIdx.x; j < k; j += AMK_THREADS) {
+                const float v = to_f(inp[j]);
+                x[j] = v;
+                ss = fmaf(v, v, ss);
+            }
+            const float r = 1.0f / sqrtf(block_sum(ss, c.red) / (float)k + eps);
+            for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = norm_elem(x[j], r, ld_weight1(nw + j));
+        }
+    } else {
+        for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = to_f(inp[j]);
+    }
+    __syncthreads();
+}
+
+// Loads in flight per lane and row: AMK_PIPE, capped so the load buffer (2 rows x P x
+// 4 registers) fits the per-thread register budget of one resident block (65536 /
+// AMK_THREADS, about 56 of which the rest of the VM needs). Measured with ptxas, the
+// caps keep every build (each dtype; sm_80, sm_90, sm_120) spill-free: P is at most
+// 1 at 1024 threads, 9 at 512, 8 at 256 or fewer (fp32: 5).
+#define AMK_REG_BUDGET (65536 / AMK_THREADS > 255 ? 255 : 65536 / AMK_THREADS)
+struct AmkPipe {
+    static constexpr int fit = (AMK_REG_BUDGET - 56) / 8;
+    static constexpr int most = AMK_DTYPE == 0 ? 5 : 8;  // fp32 vectors need more registers for x
+    static constexpr int cap = fit < most ? fit : most;
+    static constexpr int value = AMK_PIPE < cap ? AMK_PIPE : (cap < 1 ? 1 : cap);
+};
+#define AMK_P (AmkPipe::value)
+
+// A warp's GEMV work item: two weight rows streamed together (a row pair, or the gate
+// and up rows of a SiLU-mul row); ``nr`` = 1 when only the first row exists.
+struct RowPair {
+    const uint4* w[2];
+    int nr;
+};
+
+// Issue the P 16-byte loads of rows at vector index v (skipped for a missing second row).
+__device__ __forceinline__ void issue_chunk(uint4 (&q)[2][AMK_P], const RowPair& rp, int v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < AMK_P; ++p)
+            q[r][p] = (r < rp.nr) ? ld_weight16(rp.w[r] + v + 32 * p) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ void consume_chunk(float (&acc)[2][AMK_P], const uint4 (&q)[2][AMK_P], const float* x,
+                                              int v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < AMK_P; ++p) acc[r][p] = vdot(q[r][p], x + (v + 32 * p) * AMK_VEC, acc[r][p]);
+}
+
+// y[r] = sum_j w_r[j] * x[j] for the rows of ``rp`` (one warp, fp32): P independent
+// 16-byte loads per lane and row in flight, P accumulator chains per row.
+__device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (&wr)[2], const float* x, int k,
+                                         bool vec, float (&y)[2]) {
+    constexpr int P = AMK_P;
+    const int lane = threadIdx.x & 31;
+    float acc[2][P];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < P; ++p) acc[r][p] = 0.0f;
+    if (vec) {
+        const int nv = k / AMK_VEC;
+        int v = lane;
+        // The P unroll is the ILP; unrolling this loop further only costs registers.
+#pragma unroll 1
+        for (; v + 32 * (P - 1) < nv; v += 32 * P) {
+            uint4 q[2][P];
+            issue_chunk(q, rp, v);
+            consume_chunk(acc, q, x, v);
+        }
+#pragma unroll 1
+        for (; v < nv; v += 32) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (r < rp.nr) acc[r][0] = vdot(ld_weight16(rp.w[r] + v), x + v * AMK_VEC, acc[r][0]);
+        }
+    } else {
+#pragma unroll 1
+        for (int j = lane; j < k; j += 32) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (r < rp.nr) acc[r][0] = fmaf(ld_weight1(wr[r] + j), x[j], acc[r][0]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float s = 0.0f;
+#pragma unroll
+        for (int p = 0; p < P; ++p) s += acc[r][p];
+        y[r] = warp_sum(s);
+    }
+}
+
+__device__ __forceinline__ bool vec_ok(const amk_t* w, int k) {
+    return (k % AMK_VEC) == 0 && (reinterpret_cast<uintptr_t>(w) & 15u) == 0;
+}
+
+// Work item i of this warp: act=1: gate row n_lo+warp+i*W and its up row; else the row
+// pair (n_lo+warp+2iW, +W). Rows of a warp ascend (argmax ties keep the smallest).
+__device__ __forceinline__ bool gemv_item(const amk_t* w, int k, int n_lo, int n_hi, int act, int up_row, int i,
+                                          RowPair& rp, const amk_t* (&wr)[2], int (&rows)[2]) {
+    const int warp = threadIdx.x >> 5;
+    if (act == 1) {
+        rows[0] = n_lo + warp + i * AMK_WARPS;
+        rows[1] = up_row + rows[0];
+        rp.nr = 2;
+    } else {
+        rows[0] = n_lo + warp + 2 * i * AMK_WARPS;
+        rows[1] = rows[0] + AMK_WARPS;
+        rp.nr = rows[1] < n_hi ? 2 : 1;
+    }
+    if (rows[0] >= n_hi) return false;
+    wr[0] = w + (size_t)rows[0] * k;
+    wr[1] = w + (size_t)(rp.nr == 2 ? rows[1] : rows[0]) * k;
+    rp.w[0] = reinterpret_cast<const uint4*>(wr[0]);
+    rp.w[1] = reinterpret_cast<const uint4*>(wr[1]);
+    return true;
+}
+
+// The shared body of GEMV and LM_HEAD: the block stages the input, then each warp
+// streams its rows (their first bytes are usually in L2 already: see prefetch_weights).
+template <bool LM>
+__device__ void gemv_body(const AmkCtx& c, const amk_t* inp, const amk_t* w, int n_lo, int n_hi, int k, int norm_id,
+                          float eps, int act, int up_row, amk_t* out, const amk_t* res, float* logits,
+                          float& best, int& best_row) {
+    float* x = c.smem;
+    const bool vec = vec_ok(w, k);
+    const int lane = threadIdx.x & 31;
+    RowPair rp;
+    const amk_t* wr[2];
+    int rows[2];
+    stage_input(c, inp, k, norm_id, eps, x);
+#pragma unroll 1
+    for (int i = 0; gemv_item(w, k, n_lo, n_hi, act, up_row, i, rp, wr, rows); ++i) {
+        float y[2];
+        dot_rows(rp, wr, x, k, vec, y);
+        if (LM) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (r >= rp.nr) break;
+                if (lane == 0) logits[rows[r]] = y[r];
+                if (y[r] > best || best_row == 0x7fffffff) {
+                    best = y[r];
+                    best_row = rows[r];
+                }
+            }
+        } else if (lane == 0) {
+            float v[2];
+            int nout = rp.nr;
+            if (act == 1) {
+                v[0] = mul_rn(rnd(silu(rnd(y[0]))), rnd(y[1]));
+                nout = 1;
+            } else {
+                v[0] = y[0];
+                v[1] = y[1];
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (r >= nout) break;
+                float o = v[r];
+                if (res) o = add_rn(to_f(res[rows[r]]), rnd(o));
+                out[rows[r]] = from_f(o);
+            }
+        }
+    }
+}
+
+__device__ void op_gemv(const AmkCtx& c) {
+    const int res_id = c.ins[P_GEMV_RESIDUAL];
+    const amk_t* res = res_id >= 0 ? reinterpret_cast<const amk_t*>(c.bufs[res_id]) : nullptr;
+    float best = 0.0f;
+    int best_row = 0;
+    gemv_body<false>(c, amk_buf<const amk_t>(c, P_GEMV_INP), amk_buf<const amk_t>(c, P_GEMV_WEIGHT),
+                     c.ins[P_GEMV_N_LO], c.ins[P_GEMV_N_HI], c.ins[P_GEMV_K], c.ins[P_GEMV_NORM_WEIGHT],
+                     amk_fparam(c, P_GEMV_EPS), c.ins[P_GEMV_ACT], c.ins[P_GEMV_UP_ROW],
+                     amk_buf<amk_t>(c, P_GEMV_OUT), res, nullptr, best, best_row);
+}
+
+__device__ void op_lm_head(const AmkCtx& c) {
+    const int n_lo = c.ins[P_LM_HEAD_N_LO], tile = c.ins[P_LM_HEAD_TILE];
+    float* amax = amk_buf<float>(c, P_LM_HEAD_AMAX);
+    float best = neg_inf();
+    int best_row = 0x7fffffff;
+    gemv_body<true>(c, amk_buf<const amk_t>(c, P_LM_HEAD_INP), amk_buf<const amk_t>(c, P_LM_HEAD_WEIGHT), n_lo,
+                    c.ins[P_LM_HEAD_N_HI], c.ins[P_LM_HEAD_K], c.ins[P_LM_HEAD_NORM_WEIGHT],
+                    amk_fparam(c, P_LM_HEAD_EPS), 0, 0, nullptr, nullptr, amk_buf<float>(c, P_LM_HEAD_OUT), best,
+                    best_row);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float s_best[AMK_WARPS];
+    __shared__ int s_row[AMK_WARPS];
+    if (lane == 0) {
+        s_best[warp] = best;
+        s_row[warp] = best_row;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = neg_inf();
+        int br = 0x7fffffff;
+        for (int i = 0; i < AMK_WARPS; ++i) {
+            if (s_row[i] == 0x7fffffff) continue;
+            if (br == 0x7fffffff || s_best[i] > b || (s_best[i] == b && s_row[i] < br)) {
+                b = s_best[i];
+                br = s_row[i];
+            }
+        }
+        amax[2 * tile] = b;
+        amax[2 * tile + 1] = (float)(br == 0x7fffffff ? n_lo : br);
+    }
+}
+
+__device__ void op_argmax(const AmkCtx& c) {
+    if (threadIdx.x >= 32) return;
+    const float* amax = amk_buf<const float>(c, P_ARGMAX_AMAX);
+    const int n = c.ins[P_ARGMAX_N_TILES];
+    float best = neg_inf();
+    int bt = 0x7fffffff;
+    for (int t = threadIdx.x; t < n; t += 32) {
+        const float v = amax[2 * t];
+        if (bt == 0x7fffffff || v > best) {
+            best = v;
+            bt = t;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int ot = __shfl_xor_sync(0xffffffffu, bt, o);
+        const bool take = ot != 0x7fffffff &&
+                          (bt == 0x7fffffff || ov > best || (ov == best && ot < bt));
+        if (take) {
+            best = ov;
+            bt = ot;
+        }
+    }
+    if (threadIdx.x == 0 && bt != 0x7fffffff) amk_buf<int>(c, P_ARGMAX_OUT)[0] = (int)amax[2 * bt + 1];
+}
+
+// ---------------------------------------------------------------- attention
+
+__device__ void op_rope_append(const AmkCtx& c) {
+    const amk_t* qkv = amk_buf<const amk_t>(c, P_ROPE_APPEND_QKV);
+    const float* rope = amk_buf<const float>(c, P_ROPE_APPEND_ROPE);
+    const int pos = amk_buf<const int>(c, P_ROPE_APPEND_POS)[0];
+    amk_t* q_out = amk_buf<amk_t>(c, P_ROPE_APPEND_Q_OUT);
+    amk_t* kc = amk_buf<amk_t>(c, P_ROPE_APPEND_K_CACHE);
+    amk_t* vc = amk_buf<amk_t>(c, P_ROPE_APPEND_V_CACHE);
+    const int g = c.ins[P_ROPE_APPEND_KV_HEAD], nh = c.ins[P_ROPE_APPEND_N_HEADS];
+    const int nkv = c.ins[P_ROPE_APPEND_N_KV_HEADS], D = c.ins[P_ROPE_APPEND_HEAD_DIM];
+    const int ms = c.ins[P_ROPE_APPEND_MAX_SEQ];
+    if (pos < 0 || pos >= ms) {
+        if (threadIdx.x == 0) raise_fault(c.err, AMK_FAULT_BAD_INPUT, c.sm, c.instr, OP_ROPE_APPEND, -1, pos, ms, 1);
+        return;
+    }
+    const int rep = nh / nkv, half = D / 2;
+    const float* rt = rope + (size_t)pos * D;  // [half][2] = (cos, sin)
+    // q heads of this group, then the k head: rotate-half in fp32, one rounding each.
+    for (int idx = threadIdx.x; idx < (rep + 1) * half; idx += AMK_THREADS) {
+        const int hl = idx / half, i = idx - hl * half;
+        const float cs = rt[2 * i], sn = rt[2 * i + 1];
+        const amk_t* src;
+        amk_t* dst;
+        if (hl < rep) {
+            src = qkv + (size_t)(g * rep + hl) * D;
+            dst = q_out + (size_t)(g * rep + hl) * D;
+        } else {
+            src = qkv + (size_t)(nh + g) * D;
+            dst = kc + ((size_t)g * ms + pos) * D;
+        }
+        const float x0 = to_f(src[i]), x1 = to_f(src[i + half]);
+        dst[i] = from_f(sub_rn(mul_rn(x0, cs), mul_rn(x1, sn)));
+        dst[i + half] = from_f(add_rn(mul_rn(x1, cs), mul_rn(x0, sn)));
+    }
+    const amk_t* vsrc = qkv + (size_t)(nh + nkv + g) * D;
+    amk_t* vdst = vc + ((size_t)g * ms + pos) * D;
+    for (int d = threadIdx.x; d < D; d += AMK_THREADS) vdst[d] = vsrc[d];
+}
+
+// smem: q of the group's rep heads [rep][D], then scores/weights [rep][kv_block].
+__device__ void op_attn_partial(const AmkCtx& c) {
+    const amk_t* q = amk_buf<const amk_t>(c, P_ATTN_PARTIAL_Q);
+    const amk_t* kc = amk_buf<const amk_t>(c, P_ATTN_PARTIAL_K_CACHE);
+    const amk_t* vc = amk_buf<const amk_t>(c, P_ATTN_PARTIAL_V_CACHE);
+    const int L = amk_buf<const int>(c, P_ATTN_PARTIAL_SEQ_LEN)[0];
+    float* part = amk_buf<float>(c, P_ATTN_PARTIAL_PARTIAL);
+    const int g = c.ins[P_ATTN_PARTIAL_KV_HEAD], blk = c.ins[P_ATTN_PARTIAL_BLK];
+    const int kb = c.ins[P_ATTN_PARTIAL_KV_BLOCK], nh = c.ins[P_ATTN_PARTIAL_N_HEADS];
+    const int nkv = c.ins[P_ATTN_PARTIAL_N_KV_HEADS], D = c.ins[P_ATTN_PARTIAL_HEAD_DIM];
+    const int ms = c.ins[P_ATTN_PARTIAL_MAX_SEQ], nb = c.ins[P_ATTN_PARTIAL_N_BLOCKS];
+    const float scale = amk_fparam(c, P_ATTN_PARTIAL_SCALE);
+    if (L < 0 || L > ms) {
+        if (threadIdx.x == 0) raise_fault(c.err, AMK_FAULT_BAD_INPUT, c.sm, c.instr, OP_ATTN_PARTIAL, -1, L, ms, 2);
+        return;
+    }
+    const int rep = nh / nkv, p0 = blk * kb, n = min(L, p0 + kb) - p0;
+    const int stride = D + 2;
+    if (n <= 0) {
+        for (int idx = threadIdx.x; idx < rep * stride; idx += AMK_THREADS) {
+            const int hl = idx / stride, j = idx - hl * stride;
+            part[((size_t)(g * rep + hl) * nb + blk) * stride + j] = j == 0 ? neg_inf() : 0.0f;
+        }
+        return;
+    }
+    float* qs = c.smem;
+    float* sc = c.smem + rep * D;
+    for (int idx = threadIdx.x; idx < rep * D; idx += AMK_THREADS) qs[idx] = to_f(q[(size_t)g * rep * D + idx]);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv0 = ((size_t)g * ms + p0) * D;
+    // Scores: one warp per position, its k row in registers, reused for every q head.
+    for (int pp = warp; pp < n; pp += AMK_WARPS) {
+        const amk_t* kp = kc + kv0 + (size_t)pp * D;
+        float kr[AMK_MAX_HEAD_DIM / 32];
+#pragma unroll
+        for (int t = 0; t < AMK_MAX_HEAD_DIM / 32; ++t) {
+            const int d = lane + 32 * t;
+            kr[t] = d < D ? to_f(kp[d]) : 0.0f;
+        }
+        for (int hl = 0; hl < rep; ++hl) {
+            float s = 0.0f;
+#pragma unroll
+            for (int t = 0; t < AMK_MAX_HEAD_DIM / 32; ++t) {
+                const int d = lane + 32 * t;
+                if (d < D) s = fmaf(qs[hl * D + d], kr[t], s);
+            }
+            s = warp_sum(s);
+            if (lane == 0) sc[hl * kb + pp] = mul_rn(s, scale);
+        }
+    }
+    __syncthreads();
+    // Per head: m = max s, weights e = exp(s - m) in place, l = sum e.
+    for (int hl = warp; hl < rep; hl += AMK_WARPS) {
+        float* s = sc + hl * kb;
+        float m = neg_inf();
+        for (int pp = lane; pp < n; pp += 32) m = fmaxf(m, s[pp]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int pp = lane; pp < n; pp += 32) {
+            const float e = expf(s[pp] - m);
+            s[pp] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            float* dst = part + ((size_t)(g * rep + hl) * nb + blk) * stride;
+            dst[0] = m;
+            dst[1] = l;
+        }
+    }
+    __syncthreads();
+    // o[d] = sum_p e_p v_p[d]: threads over (head, d), coalesced over d.
+    for (int idx = threadIdx.x; idx < rep * D; idx += AMK_THREADS) {
+        const int hl = idx / D, d = idx - hl * D;
+        const float* e = sc + hl * kb;
+        const amk_t* vp = vc + kv0 + d;
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int pp = 0; pp < n; ++pp) acc = fmaf(e[pp], to_f(vp[(size_t)pp * D]), acc);
+        part[((size_t)(g * rep + hl) * nb + blk) * stride + 2 + d] = acc;
+    }
+}
+
+__device__ void op_attn_combine(const AmkCtx& c) {
+    const float* part = amk_buf<const float>(c, P_ATTN_COMBINE_PARTIAL);
+    amk_t* out = amk_buf<amk_t>(c, P_ATTN_COMBINE_OUT);
+    const int h_lo = c.ins[P_ATTN_COMBINE_HEAD_LO], h_hi = c.ins[P_ATTN_COMBINE_HEAD_HI];
+    const int nb = c.ins[P_ATTN_COMBINE_N_BLOCKS], D = c.ins[P_ATTN_COMBINE_HEAD_DIM];
+    const int stride = D + 2;
+    for (int idx = threadIdx.x; idx < (h_hi - h_lo) * D; idx += AMK_THREADS) {
+        const int hl = idx / D, d = idx - hl * D, h = h_lo + hl;
+        const float* rows = part + (size_t)h * nb * stride;
+        float M = neg_inf();
+        for (int b = 0; b < nb; ++b)
+            if (rows[b * stride + 1] > 0.0f) M = fmaxf(M, rows[b * stride]);
+        float num = 0.0f, den = 0.0f;
+        for (int b = 0; b < nb; ++b) {
+            const float l = rows[b * stride + 1];
+            if (!(l > 0.0f)) continue;  // empty blocks are skipped
+            const float s = expf(rows[b * stride] - M);
+            num = fmaf(s, rows[b * stride + 2 + d], num);
+            den = fmaf(s, l, den);
+        }
+        out[(size_t)h * D + d] = from_f(den > 0.0f ? num / den : 0.0f);
+    }
+}
