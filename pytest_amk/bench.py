@@ -168,3 +168,60 @@ def format_table(rows: list[tuple[str, float | None, str]], floor: float) -> str
         else:
             lines.append(f"{name:34s} {us:10.1f} {us / floor:8.2f} {100 * floor / us:10.1f}  {note}")
     return "\n".join(lines)
+
+
+def bench_file(path: str, gpu_name: str | None = None, steps: int = 2, pos: int = 16,
+               compile_: bool = True, runs: int = 50) -> str:
+    """`amk bench`: each schedule of the file (checked against the reference VM first),
+    then the torch baselines on the same weights, against the floor measured now."""
+    import torch
+
+    from pytest_amk import gpu, pipeline
+    from pytest_amk.schedule import parse_file
+
+    sf = parse_file(path, gpu_name)
+    m = sf.model
+    dev = gpu.device_info()
+    bw = bandwidth_probe()
+    rows: list[tuple[str, float | None, str]] = []
+    floor = None
+    for sched in sf.schedules:
+        if sched.expect.outcome == "rejected":
+            continue
+        result = pipeline.run_schedule(sf, sched, "cuda", steps, time_gpu=False)
+        name = f"megakernel {sched.name}"
+        if result.outcome != "passed":
+            rows.append((name, None, f"{result.outcome}: {result.message[:60]}"))
+            continue
+        program = pipeline.lower_schedule(sf, sched)
+        t = gpu.time_program(program, sf, pos=pos, iters=runs)
+        kv = sum(b.nbytes for b in program.buffers if b.kind.value == "kv") * (pos + 1) // m.max_seq
+        floor = floor_us(program.weight_bytes(), kv, bw["read_gbps"])
+        rows.append((name, t.median_us, f"max err {result.verdict.max_abs_err:.3g}, {len(program.tasks)} tasks"))
+    model = pipeline.eager_model(m.id, m.dtype, m.seed, m.max_seq)
+    for name, timing in baselines(model, pos=pos, runs=runs, compile_=compile_).items():
+        if isinstance(timing, str):
+            rows.append((name, None, timing))
+        else:
+            rows.append((name, timing.median_us, ""))
+    head = (f"{path}: {m.id} {m.dtype}, position {pos}, {dev.name}, torch {torch.__version__}; "
+            f"measured read {bw['read_gbps']:.0f} GB/s, copy {bw['copy_gbps']:.0f} GB/s")
+    return head + "\n" + format_table(rows, floor or float("nan"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pytest_amk.bench")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--gpu", default=None)
+    ap.add_argument("--pos", type=int, default=16)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    for f in args.files:
+        print(bench_file(f, args.gpu, pos=args.pos, compile_=not args.no_compile), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

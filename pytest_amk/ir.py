@@ -23,11 +23,13 @@ IR_VERSION = 1
 
 # Fixed GPU instruction: 8 header words + PARAM_WORDS parameter words, all int32.
 MAX_WAITS = 4
+MAX_GROUP_HEADS = 1024  # query heads per KV head an attention task may serve
 HEADER_WORDS = 2 + 2 * MAX_WAITS  # op, signal, then (counter, threshold) * MAX_WAITS
 PARAM_WORDS = 22
 INSTR_WORDS = HEADER_WORDS + PARAM_WORDS  # 32 words = 128 bytes
 NO_COUNTER = -1
 NO_BUFFER = -1
+MAX_HEAD_DIM = 256  # the VM keeps a key row per lane group in registers
 
 
 class DType(enum.StrEnum):
@@ -364,7 +366,7 @@ class Program:
             ]
             counters = [Counter(int(c["id"]), str(c["name"])) for c in d["counters"]]
             tasks = [Task.from_json(t) for t in d["tasks"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # Overflow: int(Infinity)
             raise ValueError(f"malformed program JSON: {type(e).__name__}: {e}") from None
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
@@ -375,7 +377,7 @@ class Program:
     def loads(text: str) -> Program:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays or objects nested too deeply
             raise ValueError(f"not JSON: {e}") from None
         return Program.from_json(data)
 
@@ -422,6 +424,7 @@ def cuda_header() -> str:
         "#define AMK_W_WAIT_THRESHOLD(i) (3 + 2 * (i))",
         f"#define AMK_NO_COUNTER ({NO_COUNTER})",
         f"#define AMK_NO_BUFFER ({NO_BUFFER})",
+        f"#define AMK_MAX_HEAD_DIM {MAX_HEAD_DIM}",
     ]
     for op in OPS:
         lines.append(f"#define OP_{op.name} {op.code}")
@@ -451,9 +454,30 @@ def task_smem_bytes(program: Program, task: Task) -> int:
     return 0
 
 
+def buffer_table_bytes(program: Program) -> int:
+    """The VM copies the table of buffer pointers into shared memory (16-byte aligned)."""
+    return -(-8 * len(program.buffers) // 16) * 16
+
+
 def program_smem_bytes(program: Program) -> int:
-    """The kernel's dynamic shared memory: the largest need of any task."""
-    return SMEM_RESERVED + max((task_smem_bytes(program, t) for t in program.tasks), default=0)
+    """The kernel's dynamic shared memory: reserved scratch, the buffer table, and the
+    largest need of any task."""
+    return (SMEM_RESERVED + buffer_table_bytes(program)
+            + max((task_smem_bytes(program, t) for t in program.tasks), default=0))
+
+
+# Registers: a resident block of T threads gets 65536 / T registers per thread (at most
+# 255); the VM needs about VM_BASE_REGS of them, and each 16-byte load in flight in
+# GEMV holds 8 (two rows of 4 words). ptxas confirms every build within this cap is
+# spill free (tests/test_vm_compile.py); the VM static_asserts the same cap.
+VM_BASE_REGS = 56
+
+
+def max_pipelining_depth(threads: int, dtype: str) -> int:
+    """The most 16-byte weight loads in flight per lane the VM can hold in registers."""
+    budget = min(255, 65536 // max(1, threads))
+    most = 5 if dtype == "fp32" else 8  # fp32 vectors need more registers for x
+    return max(1, min((budget - VM_BASE_REGS) // 8, most))
 
 
 # -- footprints (what each opcode reads and writes; used by the validator) -------------
@@ -492,6 +516,8 @@ def footprint(op: str, params: dict[str, Any]) -> list[tuple[str, str, int, int]
             raise ValueError(f"n_heads = {nh}, n_kv_heads = {nkv}, head_dim = {d}, max_seq = {s}, "
                              f"kv_head = {g} are inconsistent")
         rep = nh // nkv
+        if rep > MAX_GROUP_HEADS:  # one write region per query head below: keep that list small
+            raise ValueError(f"n_heads / n_kv_heads = {rep} query heads per KV head; at most {MAX_GROUP_HEADS}")
         q = (g * rep * d, (g + 1) * rep * d)
         if op == "ROPE_APPEND":
             if d % 2:

@@ -214,6 +214,12 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
     elif tpb is not None and tgt is not None and tpb > tgt.max_threads_per_block:
         E.add("resource", f"meta.threads_per_block = {tpb} exceeds {tgt.name}'s limit of "
                           f"{tgt.max_threads_per_block} threads per block")
+    depth, dtype = meta.get("pipelining_depth"), meta.get("dtype")
+    if _is_int(tpb) and tpb >= 32 and _is_int(depth) and isinstance(dtype, str):
+        cap = ir.max_pipelining_depth(tpb, dtype)
+        if depth > cap:
+            E.add("resource", f"meta.pipelining_depth = {depth} needs more registers than a block of {tpb} "
+                              f"threads has: at most {cap} loads in flight fit ({dtype})")
     smem_need, smem_task = 0, None
     for i, t in enumerate(prog.tasks):
         if not (isinstance(t, Task) and _is_int(t.id) and t.id == i and _is_int(t.sm)
@@ -273,13 +279,18 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
             need = 0
         if need > smem_need:
             smem_need, smem_task = need, t
-    total = ir.SMEM_RESERVED + smem_need
+        if t.op in ("ROPE_APPEND", "ATTN_PARTIAL") and _is_int(p.get("head_dim")) \
+                and p["head_dim"] > ir.MAX_HEAD_DIM:
+            E.add("resource", f"{_tl(t)}: head_dim = {p['head_dim']} exceeds the VM's limit of {ir.MAX_HEAD_DIM}")
+    table = ir.buffer_table_bytes(prog)
+    total = ir.SMEM_RESERVED + table + smem_need
     if tgt is not None and total > tgt.smem_per_block:
         assert smem_task is not None
         detail = ", ".join(f"{k} = {v}" for k, v in smem_task.params.items()
                            if k in ("k", "n_heads", "n_kv_heads", "head_dim", "kv_block"))
         E.add("resource", f"shared memory: the kernel needs {total} bytes per block ({_tl(smem_task)} needs "
-                          f"{smem_need} for {detail}, plus {ir.SMEM_RESERVED} reserved) but "
+                          f"{smem_need} for {detail}, plus {table} for the buffer table and {ir.SMEM_RESERVED} "
+                          f"reserved) but "
                           f"{tgt.name} allows {tgt.smem_per_block}")
     return sound
 

@@ -276,7 +276,8 @@ def test_smem_over_target_limit() -> None:
         if good:
             ok(b.program())
         else:
-            rejected(b.program(), "resource", "131328 bytes", "task 0 (GEMV, sm 0) needs 131072", "l4 allows 101376")
+            rejected(b.program(), "resource", "131360 bytes", "task 0 (GEMV, sm 0) needs 131072",
+                 "32 for the buffer table", "l4 allows 101376")
 
 
 def test_threads_per_block_limits() -> None:
@@ -513,3 +514,19 @@ def test_differential_against_exhaustive_exploration() -> None:
             accepted += not truth and r.ok
     print(f"precision: {accepted}/{safe} safe random programs accepted")
     assert accepted >= 0.95 * safe
+
+
+def test_pipelining_depth_over_register_budget_is_rejected() -> None:
+    from pytest_amk.ir import TARGETS, max_pipelining_depth
+    from pytest_amk.lower import lower
+    from pytest_amk.models import config_for
+    from pytest_amk.schedule import default_knobs
+
+    assert max_pipelining_depth(1024, "bf16") == 1 and max_pipelining_depth(256, "bf16") == 8
+    knobs = default_knobs()
+    knobs.update(threads_per_block=1024, pipelining_depth=4)
+    program = lower(config_for("toy"), TARGETS["h100"], knobs, "bf16", 16)
+    result = validate(program)
+    assert not result.ok and "pipelining_depth = 4" in result.errors[0].message
+    knobs["pipelining_depth"] = 1
+    assert validate(lower(config_for("toy"), TARGETS["h100"], knobs, "bf16", 16)).ok

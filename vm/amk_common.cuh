@@ -29,8 +29,7 @@
 #error "AMK_PIPE must be in [1, 16]"
 #endif
 
-// Largest head_dim and GQA group the attention ops handle (checked on the host too).
-#define AMK_MAX_HEAD_DIM 256
+// AMK_MAX_HEAD_DIM, the largest head_dim the attention ops handle, comes from amk_ir.h (ir.MAX_HEAD_DIM).
 
 // Error record (int32 words), written once by the first failing block.
 #define AMK_ERR_WORDS 8

@@ -159,6 +159,9 @@ struct AmkPipe {
     static constexpr int value = AMK_PIPE < cap ? AMK_PIPE : (cap < 1 ? 1 : cap);
 };
 #define AMK_P (AmkPipe::value)
+#ifdef AMK_PIPE_CAP  // passed by the builder from ir.max_pipelining_depth: the two must agree
+static_assert(AmkPipe::cap == AMK_PIPE_CAP, "ir.max_pipelining_depth drifted from the VM's register cap");
+#endif
 
 // A warp's GEMV work item: two weight rows streamed together (a row pair, or the gate
 // and up rows of a SiLU-mul row); ``nr`` = 1 when only the first row exists.

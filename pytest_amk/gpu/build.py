@@ -92,7 +92,7 @@ class BuildConfig:
 
     def defines(self) -> list[str]:
         return [f"-DAMK_DTYPE={DTYPE_CODES[self.dtype]}", f"-DAMK_THREADS={self.threads}",
-                f"-DAMK_PIPE={self.pipe}"]
+                f"-DAMK_PIPE={self.pipe}", f"-DAMK_PIPE_CAP={ir.max_pipelining_depth(self.threads, self.dtype)}"]
 
 
 @dataclass(frozen=True)

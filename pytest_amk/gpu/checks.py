@@ -31,7 +31,7 @@ PARAM_DTYPES: dict[str, dict[str, str]] = {
 }
 assert set(PARAM_DTYPES) == set(ir.OPS_BY_NAME), "every opcode needs its buffer dtypes here"
 
-MAX_HEAD_DIM = 256  # AMK_MAX_HEAD_DIM in vm/amk_common.cuh
+MAX_HEAD_DIM = ir.MAX_HEAD_DIM
 INT32_MAX = 2**31 - 1
 
 

@@ -226,7 +226,7 @@ class GpuRunner:
         self._err = torch.zeros(ERR_WORDS, dtype=torch.int32, device=device)
 
         # Dynamic shared memory: the buffer table, then the largest op scratch.
-        self.dyn_smem = -(-n_buf * 8 // 16) * 16 + ir.program_smem_bytes(program)
+        self.dyn_smem = ir.program_smem_bytes(program)
         limit = self.dev.smem_optin_per_block - self.kernel.static_smem
         if self.dyn_smem > limit:
             raise ResidencyError(f"program needs {self.dyn_smem} B of dynamic shared memory per block; "
