@@ -1,7 +1,8 @@
-"""The ``amk`` command: doctor, propose, eval, validate, lower.
+"""The ``amk`` command: doctor, propose, eval, validate, lower, loop, validator-audit.
 
 Exit codes: 0 success (eval: PASS or expected REJECTED; validate: proven safe),
-1 a negative result (eval: FAIL or REJECTED; validate: unsafe; lower: REJECTED),
+1 a negative result (eval: FAIL or REJECTED; validate: unsafe; lower: REJECTED; loop: no valid schedule;
+validator-audit: a false accept, or false rejects of 5% or more),
 2 bad input (missing file, malformed TOML or JSON, unknown GPU or schedule), with
 one line on stderr naming the file and key, never a traceback. Set AMK_DEBUG=1 to
 see the traceback of an unexpected error.
@@ -179,10 +180,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     path = args.program
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: undecodable bytes, or a NUL in the path
         raise InputError(f"{path}: cannot read: {e}") from None
+    from pytest_amk.wellformed import _json_problems
+
     try:
-        program = Program.loads(text)
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise InputError(f"{path}: malformed program JSON: not JSON: {e}") from None
+    problems = _json_problems(data) if isinstance(data, dict) else []  # strict: no int() of a float or str
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{path}: malformed program JSON: {problems[0]}{more}")
+    try:
+        program = Program.from_json(data)
     except ValueError as e:
         raise InputError(f"{path}: malformed program JSON: {e}") from None
     target = None
@@ -228,6 +239,65 @@ def cmd_lower(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- validator-audit -------------------------------------------------------------------------------
+
+def cmd_validator_audit(args: argparse.Namespace) -> int:
+    from pytest_amk.audit.run import audit, exit_code, format_report
+
+    fh = None
+    if args.json:
+        try:
+            fh = open(args.json, "w", encoding="utf-8")  # opened first: fail before the long run
+        except OSError as e:
+            raise InputError(f"{args.json}: --json: cannot write: {e}") from None
+    try:
+        report = audit(args.programs, args.seed, args.workers, args.runs, time_1b=not args.no_1b)
+        print(format_report(report))
+        if fh is not None:
+            json.dump(report.to_json(), fh, indent=1)
+    finally:
+        if fh is not None:
+            fh.close()
+    return exit_code(report)
+
+
+# -- loop --------------------------------------------------------------------------------------
+
+def cmd_loop(args: argparse.Namespace) -> int:
+    from pytest_amk import pipeline
+    from pytest_amk.search import run_loop
+    from pytest_amk.search_session import DEFAULT_DIR, summary_table, write_artifacts
+
+    sf, sched = _load(args.file, args.schedule, args.gpu)
+    if args.schedule is None:  # the first schedule expected to pass, as for pytest's search items
+        sched = next((s for s in sf.schedules if s.expect.outcome != "rejected"), None)  # type: ignore[assignment]
+        if sched is None:
+            raise InputError(f"{args.file}: --schedule: every schedule expects REJECTED; name one to start from")
+    if args.device == "cuda":
+        try:
+            pipeline.gpu_status("cuda")
+        except RuntimeError as e:
+            raise InputError(str(e)) from None
+    directory = Path(args.dir or DEFAULT_DIR).resolve()
+
+    def progress(line: str) -> None:
+        print(f"amk loop {line}", file=sys.stderr, flush=True)
+
+    result = run_loop(sf, sched, args.budget, directory, device=args.device, steps=args.steps, write=args.write,
+                      seed=args.seed, progress=progress)
+    summary = result.summary()
+    notes = write_artifacts([summary], directory)
+    if args.json:
+        _dump({**summary, "artifacts": notes})
+    else:
+        print(f"{'PASS' if result.ok else 'FAIL'} {result.label}: {result.headline()}")
+        print()
+        print(summary_table([summary]))
+        for line in notes:
+            print(line)
+    return 0 if result.ok else 1
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +334,28 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_args(lo)
     lo.add_argument("-o", "--output", default="-", metavar="PATH", help="output file (default: stdout)")
     lo.set_defaults(func=cmd_lower)
+
+    lp = sub.add_parser("loop", help="keep/revert schedule search of one file (what pytest --amk-search runs)")
+    schedule_args(lp)
+    lp.add_argument("--budget", type=_steps, default=16, metavar="N",
+                    help="trials, counting those already in the log for this loop (default 16)")
+    lp.add_argument("--write", action="store_true", help="write the best schedule back to the file")
+    lp.add_argument("--json", action="store_true", help="print the loop's summary as JSON")
+    lp.add_argument("--device", choices=DEVICES, default="auto", help="auto (default), cpu or cuda")
+    lp.add_argument("--steps", type=_steps, default=None, metavar="N", help="decode steps checked against eager")
+    lp.add_argument("--dir", metavar="DIR", help="log directory (default .amk/search)")
+    lp.add_argument("--seed", type=int, default=0, metavar="S", help="proposal seed (default 0)")
+    lp.set_defaults(func=cmd_loop)
+
+    va = sub.add_parser("validator-audit", help="measure the validator's false accepts and false rejects")
+    va.add_argument("--programs", type=_steps, default=1000, metavar="N", help="corpus size (default 1000)")
+    va.add_argument("--seed", type=int, default=0, metavar="S", help="corpus seed (default 0)")
+    va.add_argument("--workers", type=_steps, default=1, metavar="W", help="processes (default 1)")
+    va.add_argument("--runs", type=_steps, default=16, metavar="R",
+                    help="random interleavings per program too large to explore exactly (default 16)")
+    va.add_argument("--json", metavar="FILE", help="also write the full report (findings included) as JSON")
+    va.add_argument("--no-1b", action="store_true", help="skip timing the validator on llama-3.2-1b-shape")
+    va.set_defaults(func=cmd_validator_audit)
     return p
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_amk import outcomes
+from pytest_amk import outcomes, search_session
 from pytest_amk.items import AMK_STATE, DEVICES, RESULT, AmkState, ScheduleFile, ScheduleFileError, ScheduleItem
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("amk_steps", "decode steps checked against eager (like --amk-steps)", default="")
     parser.addini("amk_schedule_dirs", "directories (relative to rootdir) whose *.toml files are "
                   "collected as schedule files", type="linelist", default=["schedules"])
+    search_session.add_options(parser)
 
 
 @pytest.hookimpl
@@ -82,6 +83,7 @@ def _state(config: pytest.Config) -> AmkState:
 @pytest.hookimpl
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[AMK_STATE] = _state(config)
+    search_session.configure(config)  # registers the search plugin when --amk-search > 0
 
 
 @pytest.hookimpl

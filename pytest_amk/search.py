@@ -9,16 +9,24 @@ schedule (fewer knobs away from the defaults) wins. Every trial is appended to
 ``os.write`` calls under an exclusive lock, so concurrent writers never
 interleave and a kill leaves at most one torn last line, which readers skip.
 A loop that finds its experiment in the log resumes after the last trial.
+
+``run_loop`` drives one loop for pytest's search items and ``amk loop``: one process
+per experiment (a lock in the log directory), fitness measured on the GPU or
+predicted by the (calibrated) cost model, optional write-back of the best schedule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +78,19 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete records of a JSONL log (a torn last line is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 # -- trials -------------------------------------------------------------------------
 
 @dataclass
@@ -104,6 +125,17 @@ def better(cand: Trial, inc: Trial | None) -> bool:
     return tie and cand.complexity() < inc.complexity()
 
 
+def trial_of_row(row: dict[str, str]) -> Trial:
+    return Trial(int(row["trial"]), row["tag"], json.loads(row["knobs"]), row["outcome"],
+                 _float(row["latency_us"]), row["latency_kind"] or None, _float(row["pct_of_roofline"]),
+                 row["kept"] == "1", row["description"])
+
+
+def read_trials(results: Path, experiment: str) -> list[Trial]:
+    """The trials of one experiment in a results.tsv, in log order."""
+    return [trial_of_row(r) for r in read_rows(results) if r["experiment"] == experiment]
+
+
 Evaluator = Callable[[Schedule], Any]  # returns a pipeline.ItemResult
 
 
@@ -118,6 +150,11 @@ class SearchLog:
     @property
     def corpus(self) -> Path:
         return self.directory / "corpus.jsonl"
+
+    @property
+    def measured(self) -> Path:
+        """Every trial with a measured latency (kept or not): what calibration fits."""
+        return self.directory / "measured.jsonl"
 
 
 @dataclass
@@ -138,12 +175,7 @@ class Search:
         self._resume()
 
     def _resume(self) -> None:
-        for row in read_rows(self.log.results):
-            if row["experiment"] != self.experiment:
-                continue
-            t = Trial(int(row["trial"]), row["tag"], json.loads(row["knobs"]), row["outcome"],
-                      _float(row["latency_us"]), row["latency_kind"] or None, _float(row["pct_of_roofline"]),
-                      row["kept"] == "1", row["description"])
+        for t in read_trials(self.log.results, self.experiment):
             self.trials.append(t)
             if t.kept:
                 self.incumbent = t
@@ -207,11 +239,15 @@ class Search:
                  f"{Path(self.sf.path).name}::{self.start.name}.trial{t.index}", "1" if t.kept else "0",
                  json.dumps(t.knobs, sort_keys=True), t.description]
         append_line(self.log.results, "\t".join(c.replace("\t", " ").replace("\n", " ") for c in cells))
+        record = json.dumps({
+            "experiment": self.experiment, "trial": t.index, "model": self.sf.model.id,
+            "dtype": self.sf.model.dtype, "max_seq": self.sf.model.max_seq, "seed": self.sf.model.seed,
+            "gpu": self.sf.gpu, "latency_us": t.latency_us, "latency_kind": t.latency_kind,
+            "knobs": t.knobs}, sort_keys=True)
         if t.kept:
-            append_line(self.log.corpus, json.dumps({
-                "experiment": self.experiment, "trial": t.index, "model": self.sf.model.id,
-                "dtype": self.sf.model.dtype, "gpu": self.sf.gpu, "latency_us": t.latency_us,
-                "latency_kind": t.latency_kind, "knobs": t.knobs}, sort_keys=True))
+            append_line(self.log.corpus, record)
+        if t.latency_kind == "measured-gpu":
+            append_line(self.log.measured, record)
 
 
 def _fmt(x: float | None) -> str:
@@ -250,3 +286,233 @@ def write_back(path: str | Path, best: Trial, base_name: str) -> str:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, p)
     return name
+
+
+# -- the loop driver (pytest's search items and `amk loop`) --------------------------------
+
+Progress = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the block. Yields True when another process
+    held it first and this one waited. The lock dies with its process (flock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of an experiment name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def experiment_for(sf: ScheduleFile, start: Schedule, kind: str, calibration: Any = None, seed: int = 0) -> str:
+    """The experiment a loop appends to: file, start schedule, target and fitness, plus a
+    digest of everything that makes its trials comparable (model, start knobs, seed,
+    cost-model constants), so the same loop run again resumes it and proposes the same
+    candidates wherever the file lives."""
+    consts = None
+    if calibration is not None:
+        consts = [calibration.task_overhead_us, calibration.stage_sync_us, calibration.bw_fraction,
+                  calibration.launch_us]
+    ident = json.dumps({"model": asdict(sf.model), "knobs": start.knobs,
+                        "seed": seed, "kind": kind, "cost": consts}, sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    fitness = "gpu" if kind == "measured-gpu" else ("model-cal" if calibration is not None else "model")
+    return f"{Path(sf.path).stem}::{start.name}@{sf.gpu}:{fitness}:{digest}"
+
+
+def floor_of(trials: list[Trial]) -> float | None:
+    """The roofline floor, from a passed trial's latency and percent of roofline."""
+    for t in trials:
+        if t.outcome == "passed" and t.latency_us and t.pct_of_roofline:
+            return t.latency_us * t.pct_of_roofline / 100.0
+    return None
+
+
+def _lat(t: Trial | None) -> str:
+    return "-" if t is None or t.latency_us is None else f"{t.latency_us:.1f} us"
+
+
+@dataclass
+class LoopResult:
+    """What one loop did, or found in the log."""
+
+    file: str
+    schedule: str
+    experiment: str
+    gpu: str
+    model: str
+    budget: int
+    kind: str  # the fitness: "measured-gpu" or "predicted"
+    log_dir: Path
+    trials: list[Trial]
+    incumbent: Trial | None
+    new_trials: int
+    driven_elsewhere: bool  # another process held the loop's lock and ran it: this one only read the log
+    calibration: str = ""
+    written: str | None = None  # the schedule written back to the file
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.file).name}::{self.schedule}"
+
+    @property
+    def start(self) -> Trial | None:
+        return self.trials[0] if self.trials else None
+
+    @property
+    def ok(self) -> bool:
+        """A valid, correct incumbent with a latency."""
+        inc = self.incumbent
+        return inc is not None and inc.outcome == "passed" and inc.latency_us is not None
+
+    @property
+    def gain_pct(self) -> float | None:
+        s, b = self.start, self.incumbent
+        if s is None or b is None or not s.latency_us or b.latency_us is None or s.latency_kind != b.latency_kind:
+            return None
+        return 100.0 * (s.latency_us - b.latency_us) / s.latency_us
+
+    def headline(self) -> str:
+        if not self.ok:
+            counts = ", ".join(f"{n} {o}" for o, n in sorted(Counter(t.outcome for t in self.trials).items()))
+            return f"no valid schedule in {len(self.trials)} trials ({counts})"
+        kind = "measured" if self.kind == "measured-gpu" else "predicted"
+        gain = self.gain_pct
+        change = f" ({(-gain if gain else 0.0):+.1f}%)" if gain is not None else ""
+        kept = sum(t.kept for t in self.trials)
+        where = ""
+        if self.driven_elsewhere:
+            where = "; run by another process"
+        elif not self.new_trials:
+            where = "; all from the log"
+        return (f"start {_lat(self.start)} -> best {_lat(self.incumbent)} {kind}{change} in {len(self.trials)} "
+                f"trials, {kept} kept (best: trial {self.incumbent.index if self.incumbent else '-'}){where}")
+
+    def summary(self) -> dict[str, Any]:
+        """Plain JSON (``amk loop --json``; travels from xdist workers on the report)."""
+        s, b = self.start, self.incumbent
+        return {
+            "file": self.file, "schedule": self.schedule, "label": self.label, "experiment": self.experiment,
+            "gpu": self.gpu, "model": self.model, "budget": self.budget, "kind": self.kind,
+            "trials": len(self.trials), "new_trials": self.new_trials, "kept": sum(t.kept for t in self.trials),
+            "outcomes": dict(Counter(t.outcome for t in self.trials)),
+            "start_us": s.latency_us if s else None, "start_kind": s.latency_kind if s else None,
+            "start_outcome": s.outcome if s else None,
+            "best_us": b.latency_us if b else None, "best_kind": b.latency_kind if b else None,
+            "best_trial": b.index if b else None, "best_knobs": b.knobs if b else None,
+            "best_changed_knobs": {k: v for k, v in b.knobs.items() if v != KNOBS[k].default} if b else None,
+            "gain_pct": self.gain_pct, "floor_us": floor_of(self.trials), "ok": self.ok,
+            "written": self.written, "driven_elsewhere": self.driven_elsewhere,
+            "log_dir": str(self.log_dir), "results": str(SearchLog(self.log_dir).results),
+            "calibration": self.calibration, "headline": self.headline(),
+        }
+
+
+def run_loop(sf: ScheduleFile, start: Schedule, budget: int, log_dir: str | Path, *, device: str = "auto",
+             steps: int | None = None, write: bool = False, seed: int = 0,
+             progress: Progress | None = None) -> LoopResult:
+    """Drive one keep/revert loop to ``budget`` trials (counting those already in the log).
+
+    Exactly one process drives an experiment: it holds the experiment's lock in
+    ``log_dir/locks`` while it runs; another process that asks for the same loop waits for
+    the lock, then finds the trials in the log and runs none (``driven_elsewhere``). The
+    fitness is the measured latency where the GPU stage runs, else the cost model's
+    prediction (calibrated when ``log_dir/calibration.json`` has the file's target).
+    With ``write``, a best schedule that differs from the start and is not in the file
+    yet is written back to it. Raises RuntimeError for device "cuda" without a GPU."""
+    from pytest_amk import cost, pipeline
+
+    log_dir = Path(log_dir)
+    measured, why = pipeline.gpu_status(device)
+    kind = "measured-gpu" if measured else "predicted"
+    cal = None if measured else cost.load_calibration(log_dir, sf.gpu)
+    experiment = experiment_for(sf, start, kind, cal, seed)
+    label = f"{Path(sf.path).name}::{start.name}"
+    say = progress or (lambda line: None)
+    n_steps = pipeline.DEFAULT_STEPS if steps is None else steps
+
+    def evaluate(sched: Schedule) -> pipeline.ItemResult:
+        return pipeline.run_schedule(sf, sched, device, n_steps)
+
+    with exclusive(log_dir / "locks" / f"{slug(experiment)}.lock") as waited:
+        search = Search(sf, start, evaluate, SearchLog(log_dir), seed=seed, experiment=experiment)
+        before = len(search.trials)
+        fitness = "measured GPU latency" if measured else f"{(cal or cost.DEFAULT).describe()} ({why})"
+        if waited:
+            say(f"{label}: driven by another process; {before} trials read from {search.log.results}")
+        elif before >= budget:
+            say(f"{label}: {before} trials already in {search.log.results} (budget {budget}): nothing to run")
+        else:
+            verb = f"resuming at trial {before + 1}/{budget}" if before else f"{budget} trials"
+            say(f"{label}: {verb}; fitness: {fitness}; log {search.log.results}")
+        with cost.using(cal):
+            for t in search.iterate(budget):
+                mark = " (kept)" if t.kept else ""
+                lat = f" {_lat(t)}" if t.latency_us is not None else ""
+                inc = search.incumbent
+                say(f"{label}: trial {t.index + 1}/{budget} {t.tag}: {t.outcome}{lat}{mark} | incumbent "
+                    f"{_lat(inc)}{' ' + inc.latency_kind if inc and inc.latency_kind else ''}")
+        result = LoopResult(sf.path, start.name, experiment, sf.gpu, f"{sf.model.id}/{sf.model.dtype}", budget,
+                            kind, log_dir, list(search.trials), search.incumbent, len(search.trials) - before,
+                            waited and len(search.trials) == before,
+                            "measured" if measured else (cal or cost.DEFAULT).describe())
+        if write:
+            result.written = write_best(sf, start, search.incumbent)
+            if result.written:
+                say(f"{label}: wrote the best schedule to {sf.path} as {result.written!r}")
+    if measured and result.new_trials:
+        note = recalibrate(log_dir, sf.gpu)
+        if note:
+            say(f"{label}: {note}")
+    return result
+
+
+def write_best(sf: ScheduleFile, start: Schedule, best: Trial | None) -> str | None:
+    """Write ``best`` back to the file unless it is the start or the file already has it;
+    the file must still parse afterwards (else it is restored and ScheduleError raised)."""
+    from pytest_amk.schedule import ScheduleError, parse_file
+
+    if best is None or best.outcome != "passed" or best.index == 0 or best.knobs == start.knobs:
+        return None
+    path = Path(sf.path)
+    if any(s.knobs == best.knobs for s in parse_file(path, sf.gpu).schedules):
+        return None
+    original = path.read_text(encoding="utf-8")
+    name = write_back(path, best, start.name)
+    try:
+        parse_file(path, sf.gpu)
+    except ScheduleError:
+        path.write_text(original, encoding="utf-8")
+        raise
+    return name
+
+
+MIN_CALIBRATION_POINTS = 6
+
+
+def recalibrate(log_dir: Path, gpu: str) -> str:
+    """Refit the cost model to every measured trial for ``gpu`` in the log and store it in
+    ``calibration.json`` (with enough points). Returns a note, "" when nothing was done."""
+    from pytest_amk import cost
+
+    rows = [r for r in read_jsonl(SearchLog(log_dir).measured) if r.get("gpu") == gpu]
+    if len(rows) < MIN_CALIBRATION_POINTS:
+        return ""
+    try:
+        cal = cost.calibrate(rows)
+    except Exception as e:  # calibration is a by-product: never fail the loop for it
+        return f"calibration skipped: {type(e).__name__}: {e}"
+    path = cost.save_calibration(log_dir, cal)
+    return f"{cal.describe()} -> {path}"
