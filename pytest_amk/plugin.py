@@ -83,6 +83,10 @@ def _state(config: pytest.Config) -> AmkState:
 @pytest.hookimpl
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[AMK_STATE] = _state(config)
+    if config.pluginmanager.hasplugin("xdist"):  # pin each worker to one GPU
+        from pytest_amk import xdist_hooks
+
+        config.pluginmanager.register(xdist_hooks, "amk-xdist")
     search_session.configure(config)  # registers the search plugin when --amk-search > 0
 
 

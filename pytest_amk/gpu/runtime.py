@@ -369,17 +369,20 @@ class GpuRunner:
         self.run_step(token, pos)  # faults surface here, before any timing
         flush = torch.empty(2 * self.dev.l2_bytes, dtype=torch.uint8, device=f"cuda:{self.dev.index}") \
             if flush_l2 else None
+        from pytest_amk.devices import exclusive_gpu
+
         events = []
-        for _ in range(warmup + iters):
-            if flush is not None:
-                flush.fill_(1)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._reset()
-            start.record()
-            self._launch_raw()
-            end.record()
-            events.append((start, end))
-        self.check()
+        with exclusive_gpu():  # never timed while another worker's timed region shares this GPU
+            for _ in range(warmup + iters):
+                if flush is not None:
+                    flush.fill_(1)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self._reset()
+                start.record()
+                self._launch_raw()
+                end.record()
+                events.append((start, end))
+            self.check()
         samples = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
         return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
 
