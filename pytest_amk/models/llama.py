@@ -75,19 +75,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Llama:
     """Eager batch-1 decoder with its own KV cache (positions 0..max_seq-1)."""
 
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], max_seq: int) -> None:
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], max_seq: int,
+                 device: str | torch.device | None = None) -> None:
+        """``device``: where weights, RoPE table and KV cache live (default: the weights' device;
+        given, the weights are moved there)."""
         self.cfg = cfg
-        self.w = weights
+        self.device = torch.device(device) if device is not None else weights["embed"].device
+        self.w = {k: v.to(self.device) for k, v in weights.items()} if device is not None else weights
         self.max_seq = max_seq
         self.dtype = weights["embed"].dtype
-        self.rope = rope_table(cfg, max_seq)
+        self.rope = rope_table(cfg, max_seq).to(self.device)
         self.reset()
 
     def reset(self) -> None:
         c = self.cfg
         shape = (c.layers, c.kv_heads, self.max_seq, c.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @property
     def lm_head(self) -> torch.Tensor:
