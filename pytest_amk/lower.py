@@ -33,6 +33,15 @@ class LoweringError(Exception):
     """The schedule cannot be lowered for this target (a REJECTED outcome)."""
 
 
+# Limits of this implementation, not of the GPU: the validator's happens-before sets grow
+# with the square of the task count, and the CPU reference VM and the eager model hold
+# every buffer in host memory. A schedule beyond them is REJECTED (LoweringError) before
+# the program is built, never an out-of-memory.
+MAX_TASKS = 1 << 16
+MAX_STATE_BYTES = 4 << 30  # every buffer but the weights: KV caches, activations, partials, rope
+MAX_WEIGHT_BYTES = 32 << 30
+
+
 @dataclass
 class _Tile:
     op: str
@@ -98,6 +107,27 @@ def _spread(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+def task_count(cfg: LlamaConfig, knobs: dict[str, Any], num_sms: int, max_seq: int) -> int:
+    """The number of tasks ``lower`` makes (arithmetic only: checked before building)."""
+    fusions = {tuple(f) for f in knobs["fusion"]}
+    norm = 0 if ("rmsnorm", "gemv") in fusions else 1  # an RMSNORM stage before a normed GEMV
+    res = 0 if ("gemv", "residual_add") in fusions else 1  # an ADD stage after a residual GEMV
+
+    def tiles(n: int, rows: int = 0) -> int:
+        return -(-n // rows) if rows else max(1, min(n, num_sms))
+
+    h, n_tile = cfg.hidden, knobs["tiling.gemv.n_tile"]
+    n_blocks = -(-max_seq // min(knobs["tiling.attention.kv_block"], max_seq))
+    if ("gemv", "silu_mul") in fusions:
+        mlp = norm * tiles(h) + tiles(cfg.ffn, n_tile)
+    else:
+        mlp = norm * tiles(h) + tiles(2 * cfg.ffn, n_tile) + tiles(cfg.ffn)
+    layer = (norm * tiles(h) + tiles(cfg.qkv_rows, n_tile) + cfg.kv_heads * (1 + n_blocks)
+             + -(-cfg.heads // knobs["tiling.attention.combine_heads"])
+             + 2 * (tiles(h, n_tile) + res * tiles(h)) + mlp)
+    return tiles(h) + cfg.layers * layer + norm * tiles(h) + tiles(cfg.vocab, knobs["tiling.lm_head.n_tile"]) + 1
+
+
 def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str,
           max_seq: int) -> Program:
     """Lower one decode step. Raises LoweringError when the target cannot hold it."""
@@ -115,6 +145,11 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     if cfg.heads % combine_heads:
         raise LoweringError(
             f"tiling.attention.combine_heads = {combine_heads} does not divide {cfg.heads} heads")
+    n_tasks = task_count(cfg, knobs, num_sms, max_seq)
+    if n_tasks > MAX_TASKS:
+        raise LoweringError(
+            f"the program would have {n_tasks} tasks; at most {MAX_TASKS} are supported (raise "
+            f"tiling.gemv.n_tile, tiling.lm_head.n_tile or tiling.attention.kv_block, or lower model.max_seq)")
 
     b = _Builder(num_sms, knobs["sm_assignment"])
     W, A, F32, I32 = BufferKind.WEIGHT, BufferKind.ACTIVATION, DType.FP32, DType.INT32
@@ -277,6 +312,14 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     b.stage("argmax", [_Tile("ARGMAX", dict(amax=amax, n_tiles=len(lm_tiles), out=next_token),
                              [Region(amax, 0, 2 * len(lm_tiles))], [Region(next_token, 0, 1)], 1.0)])
 
+    weight_bytes = sum(x.nbytes for x in b.buffers if x.kind is W)
+    state_bytes = sum(x.nbytes for x in b.buffers if x.kind is not W)
+    if weight_bytes > MAX_WEIGHT_BYTES:
+        raise LoweringError(f"the weights take {weight_bytes / 2**30:.1f} GiB; at most "
+                            f"{MAX_WEIGHT_BYTES >> 30} GiB are supported")
+    if state_bytes > MAX_STATE_BYTES:
+        raise LoweringError(f"the KV caches and activations take {state_bytes / 2**30:.1f} GiB; at most "
+                            f"{MAX_STATE_BYTES >> 30} GiB are supported (lower model.max_seq)")
     meta = {
         "target": target.name,
         "dtype": dt.value,

@@ -19,12 +19,19 @@ from typing import Any
 from pytest_amk.ir import MODEL_DTYPES, TARGETS
 
 
+def _one_line(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters."""
+    clipped = len(text) > limit
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return text[:limit] + "..." if clipped or len(text) > limit else text
+
+
 class ScheduleError(Exception):
-    """A malformed schedule file: names the file, the key and the reason."""
+    """A malformed schedule file: names the file, the key and the reason (one printable line)."""
 
     def __init__(self, path: str | Path, key: str, reason: str) -> None:
-        self.path, self.key, self.reason = str(path), key, reason
-        super().__init__(f"{path}: {key}: {reason}" if key else f"{path}: {reason}")
+        self.path, self.key, self.reason = _one_line(str(path), 1000), _one_line(key, 200), _one_line(reason, 600)
+        super().__init__(f"{self.path}: {self.key}: {self.reason}" if key else f"{self.path}: {self.reason}")
 
 
 FUSIONS = (("rmsnorm", "gemv"), ("gemv", "residual_add"), ("gemv", "silu_mul"))
@@ -183,13 +190,38 @@ def _parse_expect(path: str, where: str, raw: Any) -> Expect:
     return Expect(outcome, reason, tokens)
 
 
+MAX_DEPTH = 16  # arrays and tables nested deeper than any schedule needs
+
+
+def _check_values(path: str, doc: dict[str, Any]) -> None:
+    """Integers inside TOML's 64-bit range; nesting at most MAX_DEPTH deep (iteratively: no recursion)."""
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in doc.items()]
+    while stack:
+        key, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ScheduleError(path, key, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{k}", v, depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{key}[{i}]", v, depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
+            raise ScheduleError(path, key, f"integer of {value.bit_length()} bits is outside TOML's 64-bit range")
+
+
 def parse_text(text: str, path: str | Path = "<string>", gpu_override: str | None = None) -> ScheduleFile:
     """Parse and check a schedule file's text. Raises ScheduleError."""
     path = str(path)
+    if text.startswith("\ufeff"):
+        raise ScheduleError(path, "", "starts with a byte order mark (BOM); TOML files are UTF-8 without one")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ScheduleError(path, "", f"invalid TOML: {e}") from None
+    except ValueError:  # int() of a decimal with more digits than Python converts
+        raise ScheduleError(path, "", "invalid TOML: an integer has too many digits") from None
+    except RecursionError:
+        raise ScheduleError(path, "", "invalid TOML: arrays or tables nested too deeply") from None
+    _check_values(path, doc)
     for key in doc:
         if key not in ("model", "target", "schedule"):
             raise ScheduleError(path, key, "unknown top-level key; known: model, target, schedule")
@@ -253,7 +285,7 @@ def parse_file(path: str | Path, gpu_override: str | None = None) -> ScheduleFil
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: undecodable bytes, or a NUL in the path
         raise ScheduleError(p, "", f"cannot read: {e}") from None
     return parse_text(text, p, gpu_override)
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 
-from pytest_amk.audit.mutate import (
-    BASE_NAMES,
-    CLASSES,
-    SAFE,
-    base_program,
-    make_case,
-    random_program,
-    random_sync_program,
-)
-from pytest_amk.audit.run import audit, format_report, main
+from pytest_amk import cli
+from pytest_amk.audit.mutate import BASE_NAMES, CLASSES, SAFE, base_program, make_case
+from pytest_amk.audit.randprog import random_program, random_sync_program
+from pytest_amk.audit.run import AuditReport, ClassStats, audit, exit_code, format_report, main
 from pytest_amk.audit.simulate import simulate
 from pytest_amk.ir import Buffer, BufferKind, Counter, DType, Program, Region, Task, Wait
 
@@ -207,3 +203,37 @@ def test_small_audit_has_no_false_accepts() -> None:
 def test_main_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--programs", "24", "--no-1b"]) == 0
     assert "false accepts: 0" in capsys.readouterr().out
+
+
+def test_amk_validator_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`amk validator-audit`: the table, the validator's time on the 1B program, the JSON report."""
+    out = tmp_path / "audit.json"
+    assert cli.main(["validator-audit", "--programs", "40", "--seed", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "false accepts: 0" in text and "FR rate" in text and "TOTAL" in text
+    assert "validator on llama-3.2-1b-shape" in text
+    report = json.loads(out.read_text())
+    assert report["n_programs"] == 40 and report["false_accepts"] == 0 and report["seed"] == 1
+    assert report["validator_1b"]["ok"] and report["validator_1b"]["tasks"] > 5000
+
+
+def test_amk_validator_audit_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "missing-dir" / "audit.json"
+    assert cli.main(["validator-audit", "--programs", "2", "--no-1b", "--json", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validator-audit", "--programs", "0"])
+    assert e.value.code == 2
+
+
+def test_exit_code_targets() -> None:
+    """1 on any false accept, or on a false-reject rate of 5% or more."""
+    def report(fa: int, fr: int, safe: int) -> AuditReport:
+        s = ClassStats("x", "unsafe", n=100, sim_safe=safe, false_accept=fa, false_reject=fr)
+        return AuditReport(100, 0, 0.0, 1, {"x": s})
+
+    assert exit_code(report(0, 0, 50)) == 0
+    assert exit_code(report(0, 2, 50)) == 0  # 4%
+    assert exit_code(report(0, 5, 100)) == 1  # 5%
+    assert exit_code(report(1, 0, 50)) == 1

@@ -43,7 +43,10 @@ def kinds_agree(sim_kinds: set[str], codes: set[str]) -> bool:
     if "deadlock" in sim_kinds or "deadlock" in val:
         return ("deadlock" in sim_kinds) == ("deadlock" in val)
     return sim_kinds == val
+
+
 KEEP_FINDINGS = 25  # programs kept per kind of finding (false accept / false reject)
+MAX_FALSE_REJECT_RATE = 0.05  # the audit fails at or above this false-reject rate
 
 
 @dataclass
@@ -331,6 +334,11 @@ def format_report(report: AuditReport) -> str:
     return "\n".join(out)
 
 
+def exit_code(report: AuditReport) -> int:
+    """0 when the audit meets its targets (no false accept, false-reject rate below 5%), else 1."""
+    return 1 if report.false_accepts or report.false_reject_rate >= MAX_FALSE_REJECT_RATE else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pytest_amk.audit.run",
                                  description="Measure the validator's soundness and precision on a mutation corpus.")
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report.to_json(), fh, indent=1)
-    return 1 if report.false_accepts else 0
+    return exit_code(report)
 
 
 if __name__ == "__main__":
