@@ -1,8 +1,8 @@
-"""The ``amk`` command: doctor, propose, eval, validate, lower, loop, validator-audit.
+"""The ``amk`` command: doctor, propose, eval, validate, lower, loop, validator-audit, generate, bench.
 
 Exit codes: 0 success (eval: PASS or expected REJECTED; validate: proven safe),
 1 a negative result (eval: FAIL or REJECTED; validate: unsafe; lower: REJECTED; loop: no valid schedule;
-validator-audit: a false accept, or false rejects of 5% or more),
+validator-audit: a false accept, or false rejects of 5% or more; generate --verify: the sequences differ),
 2 bad input (missing file, malformed TOML or JSON, unknown GPU or schedule), with
 one line on stderr naming the file and key, never a traceback. Set AMK_DEBUG=1 to
 see the traceback of an unexpected error.
@@ -261,6 +261,31 @@ def cmd_validator_audit(args: argparse.Namespace) -> int:
     return exit_code(report)
 
 
+# -- generate ----------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pytest_amk import generate, pipeline
+
+    sf, sched = _load(args.file, args.schedule, args.gpu)
+    if args.device == "cuda":
+        try:
+            pipeline.gpu_status("cuda")
+        except RuntimeError as e:
+            raise InputError(str(e)) from None
+    try:
+        report = generate.generate_report(sf, sched, args.prompt_ids, args.max_tokens, args.device, args.verify)
+    except generate.GenerationError as e:
+        raise InputError(f"{args.file}: {e}") from None
+    except pipeline.Rejected as e:
+        print(f"amk generate: REJECTED {args.file}::{sched.name}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        _dump(report)
+    else:
+        print(generate.format_report(report))
+    return 0 if report["ok"] else 1
+
+
 # -- loop --------------------------------------------------------------------------------------
 
 def cmd_loop(args: argparse.Namespace) -> int:
@@ -296,6 +321,25 @@ def cmd_loop(args: argparse.Namespace) -> int:
         for line in notes:
             print(line)
     return 0 if result.ok else 1
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pytest_amk import bench
+    from pytest_amk.gpu.errors import GpuUnavailable
+    from pytest_amk.schedule import ScheduleError
+
+    try:
+        return bench.run(args.files, args.gpu, pos=args.pos, compile_=not args.no_compile, chart=args.chart,
+                         runs=args.runs, steps=args.steps)
+    except ScheduleError as e:
+        raise InputError(str(e)) from None
+    except ValueError as e:  # a position outside the file's max_seq
+        raise InputError(str(e)) from None
+    except GpuUnavailable as e:
+        print(f"amk bench: error: needs a usable CUDA GPU: {e}", file=sys.stderr)
+        return 1
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -356,6 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--json", metavar="FILE", help="also write the full report (findings included) as JSON")
     va.add_argument("--no-1b", action="store_true", help="skip timing the validator on llama-3.2-1b-shape")
     va.set_defaults(func=cmd_validator_audit)
+
+    g = sub.add_parser("generate", help="greedy decode with one schedule's program (lowered once)")
+    schedule_args(g)
+    g.add_argument("--prompt-ids", required=True, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-tokens", required=True, metavar="N", help="new tokens to generate")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the reference VM (default); cuda: the megakernel")
+    g.add_argument("--verify", action="store_true",
+                   help="also eager's tokens (and HF generate's for hf: models); exit 1 if they differ")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="time each schedule's megakernel and the torch baselines on this GPU: "
+                                     "one table against the roofline floor, and a chart")
+    b.add_argument("files", nargs="+", metavar="FILE", help="schedule TOML files")
+    b.add_argument("--gpu", metavar="NAME", help="GPU target, overriding [target].gpu")
+    b.add_argument("--pos", type=int, default=15, metavar="P",
+                   help="decode position timed (context P+1; default 15); the best schedule is also timed "
+                        "at the longest context of the file")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--chart", metavar="PNG", help="roofline chart path (default .amk/bench/<file>.png; "
+                                                  "with several files, suffixed with each file's name)")
+    b.add_argument("--runs", type=_steps, default=50, metavar="N", help="timed runs of each (default 50)")
+    b.add_argument("--steps", type=_steps, default=2, metavar="N",
+                   help="decode steps checked against the reference VM first (default 2)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

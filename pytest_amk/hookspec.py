@@ -71,7 +71,9 @@ def pytest_amk_schedule_result(item: pytest.Item, result: ItemResult) -> None:
 def pytest_amk_machine_info(config: pytest.Config, info: dict[str, Any]) -> None:
     """Add to the machine information pytest-amk records: the dict that pytest-benchmark
     saves under ``machine_info["amk"]`` (``--benchmark-save``/``--benchmark-json``).
-    pytest-amk fills in its version, target GPU, device mode and torch version first.
+    pytest-amk fills in its version, target GPU, device mode, torch version and (unless
+    ``--amk-device=cpu``) ``info["gpu"]``: name, SM count, compute capability, memory, L2,
+    clocks, driver, CUDA driver API and nvcc versions, first.
     Change ``info`` in place; return nothing.
 
     Example (``conftest.py``)::
@@ -84,4 +86,23 @@ def pytest_amk_machine_info(config: pytest.Config, info: dict[str, Any]) -> None
         def pytest_amk_machine_info(config, info):
             info["runner"] = os.environ.get("RUNNER_NAME", "local")
             info["gpu_clock_policy"] = "locked"
+    """
+
+
+@hookspec(firstresult=True)
+def pytest_amk_gpu_timing(item: pytest.Item, result: ItemResult) -> list[float] | None:
+    """Test only: kernel durations in microseconds to feed pytest-benchmark for a schedule
+    item that passed, instead of its GPU timing (the first non-None result wins). They are
+    saved with ``extra_info["latency_kind"] = "injected"`` and never change the verdict, so
+    the benchmark plumbing (saving, ``--benchmark-compare``, ``--benchmark-compare-fail``)
+    can be tested end to end on a machine without a GPU. Return None to keep the real timing
+    (or none, without a GPU).
+
+    Example (``conftest.py`` of a test)::
+
+        import pytest
+
+        @pytest.hookimpl
+        def pytest_amk_gpu_timing(item, result):
+            return [100.0, 101.0, 99.5] if item.name == "default" else None
     """

@@ -113,6 +113,10 @@ class ScheduleItem(pytest.Function):
         callobj = _schedule_benchmark if state.benchmark_fixture else _schedule
         item: ScheduleItem = super().from_parent(parent, name=name, callobj=callobj, **kw)
         item.stash[SCHEDULE] = (schedule_file, schedule)
+        if state.benchmark_fixture:
+            from pytest_amk import benchmarking
+
+            benchmarking.prepare_item(item)  # the timer that feeds CUDA-event durations to the fixture
         return item
 
     @property
@@ -159,10 +163,15 @@ class ScheduleItem(pytest.Function):
             result = pipeline.run_schedule(sf, replaced or sched, state.device, state.steps)
         self.stash[RESULT] = result
         self.ihook.pytest_amk_schedule_result(item=self, result=result)
+        from pytest_amk import benchmarking
+
+        regression = benchmarking.record(self, result)  # feeds pytest-benchmark; compares with the baseline
         if result.outcome == pipeline.REJECTED:
             raise outcomes.ScheduleRejected(result)
         if result.outcome == pipeline.FAIL:
             raise outcomes.ScheduleFailed(result)
+        if regression:
+            pytest.fail(regression, pytrace=False)
 
     def repr_failure(self, excinfo: ExceptionInfo[BaseException],  # type: ignore[override]
                      style: Any = None) -> str | TerminalRepr:

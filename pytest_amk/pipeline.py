@@ -72,6 +72,7 @@ class ItemResult:
     message: str
     verdict: Verdict
     stages: list[StageReport]
+    timing: Any = None  # gpu.harness.GpuTiming when the time stage ran (fed to pytest-benchmark)
 
 
 def schedule_id(sf: ScheduleFile, sched: Schedule) -> str:
@@ -87,6 +88,8 @@ def lower_schedule(sf: ScheduleFile, sched: Schedule) -> Program:
         cfg = config_for(sf.model.id)
     except (HfModelError, KeyError) as e:  # unsupported or unreadable model: cannot be lowered
         raise Rejected(str(e).strip("'\"")) from None
+    except (OSError, ValueError, TypeError, RecursionError) as e:  # a path or config.json beyond reading
+        raise Rejected(f"{sf.model.id[:200]!r}: cannot read the model config: {type(e).__name__}: {e}"[:600]) from None
     try:
         return lower(cfg, get_target(sf.gpu), sched.knobs, sf.model.dtype, sf.model.max_seq)
     except LoweringError as e:
@@ -198,6 +201,9 @@ def run_schedule(sf: ScheduleFile, sched: Schedule, device: str = "auto", steps:
     if not run_gpu:
         stages.append(StageReport("gpu", "skipped", why))
         v.notes.append(why)
+        failed = _tokens_stage(stages, sf, sched, program, v, on_gpu=False)
+        if failed is not None:
+            return _finish(sched, v, stages, FAIL, failed)
         v.set_latency(predict_us(program, target), "predicted", _floor(program, target))
         return _finish(sched, v, stages, PASS, why)
 
@@ -212,12 +218,41 @@ def run_schedule(sf: ScheduleFile, sched: Schedule, device: str = "auto", steps:
     if not v.correct:
         stages[-1].status = "failed"
         return _finish(sched, v, stages, FAIL, result.message)
+    failed = _tokens_stage(stages, sf, sched, program, v, on_gpu=True)
+    if failed is not None:
+        return _finish(sched, v, stages, FAIL, failed)
+    lat = None
     if time_gpu:
         with stage("time") as s:
             lat = gpu.time_program(program, sf)
             v.set_latency(lat.median_us, "measured-gpu", lat.floor_us)
-            s.detail = f"median {lat.median_us:.1f} us, floor {lat.floor_us:.1f} us on {lat.device_name}"
-    return _finish(sched, v, stages, PASS, "")
+            s.detail = (f"median {lat.median_us:.1f} us of {lat.rounds} launches, floor {lat.floor_us:.1f} us "
+                        f"on {lat.device_name}" + (f" (AMK_TEST_SLOWDOWN_US={lat.slowdown_us:g}: test only)"
+                                                    if lat.slowdown_us else ""))
+    result = _finish(sched, v, stages, PASS, "")
+    result.timing = lat
+    return result
+
+
+def _tokens_stage(stages: list[StageReport], sf: ScheduleFile, sched: Schedule, program: Program, v: Verdict,
+                  on_gpu: bool) -> str | None:
+    """The "tokens" stage when ``[schedule.expect] tokens = N``: N greedy tokens of the megakernel
+    (or, without a GPU, the reference VM) against eager's; a near-tie divergence passes with a note
+    (pytest_amk.generate). Returns the failure message, or None."""
+    if not sched.expect.tokens:
+        return None
+    from pytest_amk.generate import check_schedule_tokens
+
+    with _Stage(stages, "tokens") as s:
+        check = check_schedule_tokens(sf, program, sched.expect.tokens, on_gpu)
+        s.detail = check.message
+    if not check.ok:
+        stages[-1].status = "failed"
+        v.correct = False
+        return check.message
+    if check.divergence is not None:
+        v.notes.append(check.message)
+    return None
 
 
 def _floor(program: Program, target: GpuTarget) -> float:

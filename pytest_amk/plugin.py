@@ -7,7 +7,6 @@ reported) and the plain-Python pipeline; nothing heavy (torch) is imported here.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +87,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
         config.pluginmanager.register(xdist_hooks, "amk-xdist")
     search_session.configure(config)  # registers the search plugin when --amk-search > 0
+    from pytest_amk import benchmarking  # no torch
+
+    # Before pytest-benchmark's (trylast) configure: storage per GPU model, the compare-fail gate.
+    benchmarking.configure(config, config.stash[AMK_STATE])
 
 
 @pytest.hookimpl
@@ -161,15 +164,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    """pytest-benchmark's machine info gets an "amk" entry, extended by pytest_amk_machine_info."""
-    from pytest_amk import __version__
+    """pytest-benchmark's machine info gets an "amk" entry, extended by pytest_amk_machine_info.
+    The same when a baseline is loaded (configure) and when results are saved: nothing in it
+    depends on what the run imported."""
+    from pytest_amk import __version__, benchmarking
 
     state = config.stash[AMK_STATE]
     info: dict[str, Any] = {"version": __version__, "gpu_target": state.gpu, "device": state.device}
-    torch = sys.modules.get("torch")  # imported by the items that ran; never imported here
-    if torch is not None:
-        info["torch"] = torch.__version__
-        if torch.cuda.is_initialized():
-            info["cuda_device"] = torch.cuda.get_device_name()
+    info.update(benchmarking.machine_info(state.device))  # torch version; GPU name, SMs, driver, CUDA, clocks
     config.hook.pytest_amk_machine_info(config=config, info=info)
     machine_info["amk"] = info

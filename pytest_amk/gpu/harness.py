@@ -4,7 +4,9 @@ last program so that checking and timing it upload the weights once."""
 
 from __future__ import annotations
 
-import functools
+import math
+import os
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +25,30 @@ class GpuCheck:
 
 @dataclass
 class GpuTiming:
+    """One decode step's kernel timing: CUDA events around the launch alone, after warm-up,
+    L2 flushed before each launch; floors from the bandwidth measured now and from the spec."""
+
     median_us: float
-    floor_us: float
+    floor_us: float  # weight + KV bytes over the bandwidth measured on this device in this run
     device_name: str
-    bandwidth_gbps: float
+    bandwidth_gbps: float  # measured now (the better of read and copy)
     samples_us: list[float]
+    spec_floor_us: float = math.nan  # the same bytes over the target's spec bandwidth
+    spec_gbps: float = math.nan
+    pos: int = 0
+    warmup: int = 0
+    rounds: int = 0
+    flushed_l2: bool = True
+    slowdown_us: float = 0.0  # AMK_TEST_SLOWDOWN_US (test only): a spin inside the timed region
+    sm_count: int = 0
+
+    @property
+    def pct_of_roofline(self) -> float:
+        return 100.0 * self.floor_us / self.median_us
+
+    @property
+    def pct_of_spec(self) -> float:
+        return 100.0 * self.spec_floor_us / self.median_us
 
 
 def runner_for(program: ir.Program, sf: Any) -> GpuRunner:
@@ -71,33 +92,105 @@ def check_against_reference(program: ir.Program, sf: Any, ref_logits: list[Any],
     return worst
 
 
-@functools.lru_cache(maxsize=1)
-def measure_bandwidth_gbps(nbytes: int = 1 << 30, iters: int = 10) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), median of ``iters``."""
-    import statistics
+DEFAULT_WARMUP = 10
+DEFAULT_ROUNDS = 100
+SLOWDOWN_ENV = "AMK_TEST_SLOWDOWN_US"
+_MIN_ROUNDS = [0]  # raised by --benchmark-min-rounds (pytest_amk.benchmarking)
 
+
+def set_min_rounds(rounds: int) -> None:
+    """Time at least this many launches (pytest's --benchmark-min-rounds, when above the default)."""
+    _MIN_ROUNDS[0] = max(0, int(rounds))
+
+
+def slowdown_us() -> float:
+    """$AMK_TEST_SLOWDOWN_US: microseconds of GPU spin added inside every timed region.
+    Test only (it proves that ``--benchmark-compare-fail`` catches a slower kernel); 0 unless
+    the variable is set."""
+    raw = os.environ.get(SLOWDOWN_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{SLOWDOWN_ENV}={raw!r}: expected microseconds (a number)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{SLOWDOWN_ENV}={raw!r}: expected a non-negative number of microseconds")
+    return value
+
+
+def measure_bandwidth_gbps() -> float:
+    """Achievable HBM bandwidth measured on this device in this run (GB/s): the better of the
+    read and the copy probe of ``pytest_amk.bench.bandwidth_probe`` (cached per device)."""
+    from pytest_amk.bench import bandwidth_probe
+
+    bw = bandwidth_probe()
+    return max(bw["read_gbps"], bw["copy_gbps"])
+
+
+def _spin(us: float) -> Any:
+    """A callable that keeps the GPU busy for at least ``us`` microseconds (on the current stream)."""
+    import pycuda.driver as drv
     import torch
 
-    dev = f"cuda:{device_info().index}"
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(iters + 2):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        if i >= 2:
-            times.append(s.elapsed_time(e) / 1e3)
-    return 2 * src.numel() / statistics.median(times) / 1e9
+    if not hasattr(torch.cuda, "_sleep"):
+        raise RuntimeError(f"{SLOWDOWN_ENV} needs torch.cuda._sleep, which this torch lacks")
+    khz = drv.Device(device_info().index).get_attribute(drv.device_attribute.CLOCK_RATE)
+    cycles = max(1, int(us * khz / 1000))  # at the top clock: the spin lasts at least `us`
+    return lambda: torch.cuda._sleep(cycles)
 
 
-def time_program(program: ir.Program, sf: Any, pos: int = 0, iters: int = 20) -> GpuTiming:
-    """Median latency of one decode step (L2 flushed between launches) and the measured floor."""
+def time_launches(runner: GpuRunner, token: int, pos: int, *, warmup: int, rounds: int,
+                  flush_l2: bool = True, slowdown: float = 0.0) -> list[float]:
+    """CUDA-event durations (us) of ``rounds`` launches after ``warmup``: the events enclose the
+    kernel launch alone; counters are reset and (with ``flush_l2``) a buffer twice the L2 size
+    is overwritten before each launch, outside the timed region. ``slowdown`` (test only) adds
+    a GPU spin of that many microseconds inside the timed region. Like ``GpuRunner.time_step``
+    (which this replaces for the pipeline), under the host-wide timing lock of the GPU."""
+    import torch
+
+    from pytest_amk.bench import L2Flusher
+    from pytest_amk.devices import exclusive_gpu
+
+    runner.run_step(token, pos)  # faults surface here, before any timing
+    flush = L2Flusher() if flush_l2 else None
+    spin = _spin(slowdown) if slowdown > 0 else None
+    events = []
+    with exclusive_gpu():  # never timed while another xdist worker's timed region shares this GPU
+        for _ in range(warmup + rounds):
+            if flush is not None:
+                flush()
+            runner._reset()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if spin is not None:
+                spin()
+            runner._launch_raw()
+            end.record()
+            events.append((start, end))
+        runner.check()  # synchronises; a fault or watchdog during timing raises
+    return [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
+
+
+def time_program(program: ir.Program, sf: Any, pos: int = 0, *, rounds: int | None = None,
+                 warmup: int | None = None, iters: int | None = None) -> GpuTiming:
+    """Median latency of one decode step at position ``pos`` (correctness is checked by the
+    caller first), the floor at the bandwidth measured now and the floor at the target's spec.
+    ``iters`` is the old name of ``rounds``."""
     from pytest_amk.cost import floor_us
 
+    rounds = max(rounds or iters or DEFAULT_ROUNDS, _MIN_ROUNDS[0])
+    warmup = DEFAULT_WARMUP if warmup is None else warmup
+    slow = slowdown_us()
     runner = runner_for(program, sf)
-    t = runner.time_step(1, pos, iters=iters)
-    bw = measure_bandwidth_gbps()
-    return GpuTiming(t.median_us, floor_us(program, bw, pos + 1), t.device_name, bw, t.samples_us)
+    samples = time_launches(runner, 1, pos, warmup=warmup, rounds=rounds, slowdown=slow)
+    from pytest_amk.devices import exclusive_gpu
+
+    with exclusive_gpu():  # measured once per process, alone on the GPU like the timings
+        bw = measure_bandwidth_gbps()
+    target = ir.get_target(sf.gpu)
+    return GpuTiming(
+        median_us=statistics.median(samples), floor_us=floor_us(program, bw, pos + 1),
+        device_name=runner.dev.name, bandwidth_gbps=bw, samples_us=samples,
+        spec_floor_us=floor_us(program, target.hbm_gbps, pos + 1), spec_gbps=target.hbm_gbps, pos=pos,
+        warmup=warmup, rounds=rounds, flushed_l2=True, slowdown_us=slow, sm_count=runner.dev.sm_count)
