@@ -113,7 +113,8 @@ def junit(name):
         cases = list(ET.parse(f"{out}/{name}.xml").getroot().iter("testcase"))
     except (OSError, ET.ParseError):
         return {}
-    return {c.get("name"): ("failed" if c.find("failure") is not None else
+    # Keyed by file and schedule: two files may both have a schedule named "default".
+    return {f'{c.get("classname")}::{c.get("name")}': ("failed" if c.find("failure") is not None else
                             "error" if c.find("error") is not None else
                             "skipped" if c.find("skipped") is not None else "passed") for c in cases}
 runs = {}
