@@ -349,13 +349,9 @@ def write_chart(path: str | Path, report: BenchReport) -> Path | None:
     ax.set_title(report.head, fontsize=7, wrap=True)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
+    from pytest_amk.chart import save_png
+
+    return save_png(fig, path)
 
 
 def chart_path(chart: str | None, file: str, many: bool) -> Path:

@@ -143,6 +143,18 @@ def cmd_propose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_cuda(device: str) -> None:
+    """--device cuda without a usable GPU is bad input (one line, exit 2), not a FAIL."""
+    if device != "cuda":
+        return
+    from pytest_amk import pipeline
+
+    try:
+        pipeline.gpu_status("cuda")
+    except RuntimeError as e:
+        raise InputError(str(e)) from None
+
+
 # -- eval --------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -150,11 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pytest_amk.outcomes import stage_table
 
     sf, sched = _load(args.file, args.schedule, args.gpu)
-    if args.device == "cuda":
-        try:
-            pipeline.gpu_status("cuda")
-        except RuntimeError as e:
-            raise InputError(str(e)) from None
+    _require_cuda(args.device)
     result = pipeline.run_schedule(sf, sched, args.device, args.steps)
     ok = result.outcome in (pipeline.PASS, pipeline.XREJECTED)
     if args.json:
@@ -267,11 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pytest_amk import generate, pipeline
 
     sf, sched = _load(args.file, args.schedule, args.gpu)
-    if args.device == "cuda":
-        try:
-            pipeline.gpu_status("cuda")
-        except RuntimeError as e:
-            raise InputError(str(e)) from None
+    _require_cuda(args.device)
     try:
         report = generate.generate_report(sf, sched, args.prompt_ids, args.max_tokens, args.device, args.verify)
     except generate.GenerationError as e:
@@ -289,7 +293,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # -- loop --------------------------------------------------------------------------------------
 
 def cmd_loop(args: argparse.Namespace) -> int:
-    from pytest_amk import pipeline
     from pytest_amk.search import run_loop
     from pytest_amk.search_session import DEFAULT_DIR, summary_table, write_artifacts
 
@@ -298,11 +301,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
         sched = next((s for s in sf.schedules if s.expect.outcome != "rejected"), None)  # type: ignore[assignment]
         if sched is None:
             raise InputError(f"{args.file}: --schedule: every schedule expects REJECTED; name one to start from")
-    if args.device == "cuda":
-        try:
-            pipeline.gpu_status("cuda")
-        except RuntimeError as e:
-            raise InputError(str(e)) from None
+    _require_cuda(args.device)
     directory = Path(args.dir or DEFAULT_DIR).resolve()
 
     def progress(line: str) -> None:
