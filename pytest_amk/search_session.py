@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,15 @@ def configure(config: pytest.Config) -> None:
     config.stash[SETTINGS] = s
     if s.budget > 0 and not config.pluginmanager.has_plugin(PLUGIN_NAME):
         config.pluginmanager.register(SearchPlugin(config, s), PLUGIN_NAME)
+        # This module holds the amk_search fixture (pytest 9.2 deprecates fixtures that are
+        # methods of a plugin instance).
+        config.pluginmanager.register(sys.modules[__name__], PLUGIN_NAME + "-fixtures")
+
+
+@pytest.fixture(scope="session")
+def amk_search(pytestconfig: pytest.Config) -> SearchRegistry:
+    """The search registry: ``amk_search.run(schedule_file, start)`` -> LoopResult."""
+    return SearchRegistry(pytestconfig, pytestconfig.stash[SETTINGS])
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -219,11 +229,6 @@ class SearchPlugin:
         self.settings = settings
         self.summaries: dict[str, dict[str, Any]] = {}  # experiment -> summary (controller)
         self.notes: list[str] = []  # artifact lines for the terminal summary
-
-    @pytest.fixture(scope="session")
-    def amk_search(self) -> SearchRegistry:
-        """The search registry: ``amk_search.run(schedule_file, start)`` -> LoopResult."""
-        return SearchRegistry(self.config, self.settings)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector) -> Generator[None, Any, Any]:
