@@ -308,7 +308,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
         print(f"amk loop {line}", file=sys.stderr, flush=True)
 
     result = run_loop(sf, sched, args.budget, directory, device=args.device, steps=args.steps, write=args.write,
-                      seed=args.seed, progress=progress)
+                      seed=args.seed, progress=progress, workers=args.workers)
     summary = result.summary()
     notes = write_artifacts([summary], directory)
     if args.json:
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--steps", type=_steps, default=None, metavar="N", help="decode steps checked against eager")
     lp.add_argument("--dir", metavar="DIR", help="log directory (default .amk/search)")
     lp.add_argument("--seed", type=int, default=0, metavar="S", help="proposal seed (default 0)")
+    lp.add_argument("--workers", type=_steps, default=1, metavar="N",
+                    help="evaluator processes: one per visible GPU, capped at the GPU count (CPU processes "
+                         "without GPUs); default 1 (in-process)")
     lp.set_defaults(func=cmd_loop)
 
     va = sub.add_parser("validator-audit", help="measure the validator's false accepts and false rejects")

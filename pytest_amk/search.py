@@ -221,17 +221,61 @@ class Search:
             yield trial
 
     def _evaluate(self, trial: Trial) -> None:
-        sched = Schedule(f"{self.start.name}.trial{trial.index}", trial.knobs)
-        try:
-            result = self.evaluate(sched)
-        except Exception as e:  # a crashing candidate is logged as failed, never kept
-            trial.outcome, trial.description = "failed", f"{trial.description}: {type(e).__name__}: {e}"
+        apply_evaluation(trial, evaluation(self.evaluate, self._schedule_of(trial)))
+
+    def _schedule_of(self, trial: Trial) -> Schedule:
+        return Schedule(f"{self.start.name}.trial{trial.index}", trial.knobs)
+
+    def run_parallel(self, budget: int, workers: list[str | None], evaluate_factory: Callable[[], Evaluator],
+                     progress: Callable[[Trial, Trial | None], None] | None = None) -> Trial | None:
+        """``run`` with the evaluations spread over one process per entry of ``workers``
+        (a device each, None = CPU); see ``iterate_parallel``."""
+        for trial in self.iterate_parallel(budget, workers, evaluate_factory):
+            if progress:
+                progress(trial, self.incumbent)
+        return self.incumbent
+
+    def iterate_parallel(self, budget: int, workers: list[str | None],
+                         evaluate_factory: Callable[[], Evaluator]) -> Iterator[Trial]:
+        """``iterate`` with one evaluator process per entry of ``workers``, pinned to that
+        device (``search_parallel``); this process stays the only decision maker and writer.
+
+        Trial i is proposed from the incumbent known when it is proposed; with W workers up
+        to W trials are in flight, so an exploit proposal may build on an incumbent up to
+        W-1 trials old. Keep decisions and log appends still happen in trial-index order, so
+        the log is the same for a fixed W whenever the evaluations are deterministic; W = 1
+        gives exactly ``iterate``'s trials. ``evaluate_factory`` must pickle; each worker
+        calls it once, after pinning, to get its evaluator."""
+        from pytest_amk.search_parallel import EvaluatorPool
+
+        if len(self.trials) >= budget:
             return
-        v = result.verdict
-        trial.outcome = result.outcome
-        trial.latency_us, trial.latency_kind, trial.pct_of_roofline = v.latency_us, v.latency_kind, v.pct_of_roofline
-        if result.outcome != "passed":
-            trial.description += f": {result.message[:200]}"
+        seen = {json.dumps(t.knobs, sort_keys=True) for t in self.trials}
+        width = max(1, len(workers))
+        pending: dict[int, tuple[Trial, Any]] = {}
+        index = len(self.trials)
+        with EvaluatorPool(workers or [None], evaluate_factory) as pool:
+            while index < budget or pending:
+                while index < budget and len(pending) < width:
+                    trial = self.propose(index)
+                    key = json.dumps(trial.knobs, sort_keys=True)
+                    if key in seen and index > 0:
+                        trial.outcome, trial.description = "duplicate", trial.description + " (already tried)"
+                        pending[index] = (trial, None)
+                    else:
+                        seen.add(key)
+                        pending[index] = (trial, pool.submit(self._schedule_of(trial)))
+                    index += 1
+                first = min(pending)
+                trial, future = pending.pop(first)
+                if future is not None:
+                    apply_evaluation(trial, future.result())
+                trial.kept = better(trial, self.incumbent)
+                if trial.kept:
+                    self.incumbent = trial
+                self._record(trial)
+                self.trials.append(trial)
+                yield trial
 
     def _record(self, t: Trial) -> None:
         cells = [self.experiment, str(t.index), t.tag, f"{self.sf.model.id}/{self.sf.model.dtype}", self.sf.gpu,
@@ -248,6 +292,28 @@ class Search:
             append_line(self.log.corpus, record)
         if t.latency_kind == "measured-gpu":
             append_line(self.log.measured, record)
+
+
+def evaluation(evaluate: Evaluator, sched: Schedule) -> dict[str, Any]:
+    """What a trial's evaluation found, as plain data (it crosses process boundaries)."""
+    try:
+        result = evaluate(sched)
+    except Exception as e:  # a crashing candidate is logged as failed, never kept
+        return {"outcome": "failed", "error": f"{type(e).__name__}: {e}"}
+    v = result.verdict
+    return {"outcome": result.outcome, "latency_us": v.latency_us, "latency_kind": v.latency_kind,
+            "pct_of_roofline": v.pct_of_roofline, "message": result.message}
+
+
+def apply_evaluation(trial: Trial, found: dict[str, Any]) -> None:
+    trial.outcome = found["outcome"]
+    if "error" in found:
+        trial.description = f"{trial.description}: {found['error']}"
+        return
+    trial.latency_us, trial.latency_kind = found["latency_us"], found["latency_kind"]
+    trial.pct_of_roofline = found["pct_of_roofline"]
+    if trial.outcome != "passed":
+        trial.description += f": {found['message'][:200]}"
 
 
 def _fmt(x: float | None) -> str:
@@ -422,7 +488,7 @@ class LoopResult:
 
 def run_loop(sf: ScheduleFile, start: Schedule, budget: int, log_dir: str | Path, *, device: str = "auto",
              steps: int | None = None, write: bool = False, seed: int = 0,
-             progress: Progress | None = None) -> LoopResult:
+             progress: Progress | None = None, workers: int = 1) -> LoopResult:
     """Drive one keep/revert loop to ``budget`` trials (counting those already in the log).
 
     Exactly one process drives an experiment: it holds the experiment's lock in
@@ -431,7 +497,11 @@ def run_loop(sf: ScheduleFile, start: Schedule, budget: int, log_dir: str | Path
     fitness is the measured latency where the GPU stage runs, else the cost model's
     prediction (calibrated when ``log_dir/calibration.json`` has the file's target).
     With ``write``, a best schedule that differs from the start and is not in the file
-    yet is written back to it. Raises RuntimeError for device "cuda" without a GPU."""
+    yet is written back to it. Raises RuntimeError for device "cuda" without a GPU.
+
+    With ``workers`` > 1 the trials are evaluated by that many spawned processes, one per
+    visible GPU when the GPU stage runs (capped at the GPU count), else CPU processes; this
+    process still decides and writes (``Search.iterate_parallel``)."""
     from pytest_amk import cost, pipeline
 
     log_dir = Path(log_dir)
@@ -457,8 +527,20 @@ def run_loop(sf: ScheduleFile, start: Schedule, budget: int, log_dir: str | Path
         else:
             verb = f"resuming at trial {before + 1}/{budget}" if before else f"{budget} trials"
             say(f"{label}: {verb}; fitness: {fitness}; log {search.log.results}")
+        if workers > 1:
+            from pytest_amk import devices
+            from pytest_amk.search_parallel import LoopEvaluatorFactory, plan_workers
+
+            visible = devices.visible_devices(os.environ) if measured else []
+            plan = plan_workers(workers, visible)
+            if before < budget:
+                say(f"{label}: {len(plan)} evaluator processes"
+                    + (f" on GPUs {', '.join(str(d) for d in plan)}" if visible else " (CPU)"))
+            trials = search.iterate_parallel(budget, plan, LoopEvaluatorFactory(sf, device, n_steps, cal))
+        else:
+            trials = search.iterate(budget)
         with cost.using(cal):
-            for t in search.iterate(budget):
+            for t in trials:
                 mark = " (kept)" if t.kept else ""
                 lat = f" {_lat(t)}" if t.latency_us is not None else ""
                 inc = search.incumbent

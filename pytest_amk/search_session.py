@@ -54,6 +54,7 @@ class SearchSettings:
     directory: Path  # results.tsv, corpus.jsonl, calibration.json, charts, JUnit suite
     write: bool  # write the best schedule back to its file
     seed: int = 0
+    workers: int = 1  # evaluator processes per loop (one per GPU, capped at the GPU count); 1 = in-process
 
 
 SETTINGS = pytest.StashKey[SearchSettings]()
@@ -75,6 +76,10 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--amk-search-write", dest="amk_search_write", action="store_true", default=None,
                     help="write each search's best schedule back to its file as a new [[schedule]]. "
                          "ini: amk_search_write")
+    group.addoption("--amk-search-workers", dest="amk_search_workers", metavar="N", type=int, default=1,
+                    help="spread each loop's trials over N evaluator processes, one per visible GPU (capped "
+                         "at the GPU count; CPU processes without GPUs); one process still decides and writes "
+                         "the log. Default 1 (in-process)")
     parser.addini("amk_search", "trials per schedule file of the keep/revert search (like --amk-search)",
                   default="")
     parser.addini("amk_search_dir", f"search log directory, relative to the rootdir (default {DEFAULT_DIR})",
@@ -101,7 +106,11 @@ def settings(config: pytest.Config) -> SearchSettings:
     write = config.getoption("amk_search_write", None)
     if write is None:
         write = bool(config.getini("amk_search_write"))
-    return SearchSettings(budget, directory, bool(write))
+    workers = config.getoption("amk_search_workers", None)
+    workers = 1 if workers is None else int(workers)
+    if workers < 1:
+        raise pytest.UsageError(f"--amk-search-workers = {workers}: must be 1 or more")
+    return SearchSettings(budget, directory, bool(write), workers=workers)
 
 
 def configure(config: pytest.Config) -> None:
@@ -144,7 +153,8 @@ class SearchRegistry:
             state = self.config.stash[AMK_STATE]
             s = self.settings
             self.results[key] = run_loop(sf, start, s.budget, s.directory, device=state.device, steps=state.steps,
-                                         write=s.write, seed=s.seed, progress=progress_writer(self.config))
+                                         write=s.write, seed=s.seed, progress=progress_writer(self.config),
+                                         workers=s.workers)
         return self.results[key]
 
 
