@@ -65,7 +65,7 @@ def test_cpu_job_runs_tests_and_schedules_and_keeps_junit() -> None:
     text = steps_text(job)
     assert "pip install -e '.[dev]'" in text and "ruff check" in text
     assert "pytest tests" in text and "--junitxml=reports/tests.xml" in text
-    assert "schedules/toy.toml" in text and "--junitxml=reports/schedules-cpu.xml" in text
+    assert "pytest schedules/ --amk-gpu=h100" in text and "--junitxml=reports/schedules-cpu.xml" in text
     upload = next(s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and upload["with"]["path"] == "reports/"
 
