@@ -213,12 +213,16 @@ class Search:
             else:
                 seen.add(key)
                 self._evaluate(trial)
-            trial.kept = better(trial, self.incumbent)
-            if trial.kept:
-                self.incumbent = trial
-            self._record(trial)
-            self.trials.append(trial)
+            self._decide(trial)
             yield trial
+
+    def _decide(self, trial: Trial) -> None:
+        """The keep rule against the incumbent, then the log: the one place trials are decided."""
+        trial.kept = better(trial, self.incumbent)
+        if trial.kept:
+            self.incumbent = trial
+        self._record(trial)
+        self.trials.append(trial)
 
     def _evaluate(self, trial: Trial) -> None:
         apply_evaluation(trial, evaluation(self.evaluate, self._schedule_of(trial)))
@@ -270,11 +274,7 @@ class Search:
                 trial, future = pending.pop(first)
                 if future is not None:
                     apply_evaluation(trial, future.result())
-                trial.kept = better(trial, self.incumbent)
-                if trial.kept:
-                    self.incumbent = trial
-                self._record(trial)
-                self.trials.append(trial)
+                self._decide(trial)
                 yield trial
 
     def _record(self, t: Trial) -> None:
