@@ -55,14 +55,12 @@ INNER = ("--amk-steps=2", "--amk-device=cpu", "-p", "no:cacheprovider", "-p", "n
 
 
 @pytest.fixture
-def amk(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
-                benchmarking.GPU_MODEL_ENV, harness.SLOWDOWN_ENV, "AMK_FAKE_US"):
+def amk(amk: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """The shared pytester dir (tests/conftest.py), plus the injected timer source."""
+    for var in (benchmarking.GPU_MODEL_ENV, harness.SLOWDOWN_ENV, "AMK_FAKE_US"):
         monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    pytester.mkdir("schedules")
-    pytester.makeconftest(INJECT)
-    return pytester
+    amk.makeconftest(INJECT)
+    return amk
 
 
 def run(pytester: pytest.Pytester, *args: str, fake: dict[str, list[float]] | None = None) -> pytest.RunResult:

@@ -241,14 +241,6 @@ def test_tokens_beyond_max_seq_fails_with_the_reason(tmp_path: Path) -> None:
                                      "but max_seq is 32")
 
 
-@pytest.fixture
-def amk(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    pytester.mkdir("schedules")
-    return pytester
-
 
 def test_schedule_item_with_expect_tokens(amk: pytest.Pytester) -> None:
     text = TOY.format(model="toy", max_seq=48).replace('name = "default"', 'name = "default"\nexpect.tokens = 16')

@@ -77,17 +77,6 @@ def pytest_runtest_call(item):
 """
 
 
-@pytest.fixture
-def amk(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester dir whose rootdir is pinned by an ini file (tox.ini), with a schedules/ dir.
-    Inner runs are top-level runs even when this suite runs under xdist (pytest-benchmark
-    reads PYTEST_XDIST_WORKER and would turn itself off)."""
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    pytester.mkdir("schedules")
-    return pytester
-
 
 def write(pytester: pytest.Pytester, relpath: str, text: str) -> None:
     path = pytester.path / relpath

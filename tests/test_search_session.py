@@ -60,14 +60,6 @@ ALL_REJECTED = SEARCHED.replace("fusion = []", 'threads_per_block = 2048\nexpect
 INNER = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "--amk-steps=1", "--amk-device=cpu")
 
 
-@pytest.fixture
-def amk(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    pytester.mkdir("schedules")
-    return pytester
-
 
 def write(pytester: pytest.Pytester, relpath: str, text: str) -> Path:
     path = pytester.path / relpath
