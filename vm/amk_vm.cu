@@ -14,6 +14,7 @@
 // the error record and aborts; every other waiting block sees the record and
 // exits, so no program can hang the GPU.
 #include "amk_ops.cuh"
+#include "amk_trace.cuh"
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -112,10 +113,12 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         int next_word = 0;
         if (has_next && tid < AMK_INSTR_WORDS) next_word = __ldg(instrs + (size_t)(gi + 1) * AMK_INSTR_WORDS + tid);
         if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)(gi + 1), lane);
+        AMK_TRACE_POINT(gi, 0);
         if (tid == 0) s_stop = wait_all(cur, counters, error_record, sm, gi, watchdog_ns);
         if (has_next && tid < AMK_INSTR_WORDS) s_ins[(i + 1) & 1][tid] = next_word;
         __syncthreads();
         if (s_stop) return;
+        AMK_TRACE_POINT(gi, 1);
         const int op = cur[AMK_W_OP], sig = cur[AMK_W_SIGNAL];
         ctx.ins = cur;
         ctx.instr = gi;
@@ -136,6 +139,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
                 break;
         }
         __syncthreads();
+        AMK_TRACE_POINT(gi, 2);
         if (tid == 0 && sig >= 0) {
             // Release: every thread's writes (ordered before this by the barrier) are visible
             // to whoever acquires the new counter value. One instruction, no return value.

@@ -73,6 +73,7 @@ class BuildConfig:
     threads: int = 256
     pipe: int = 2
     arch: str = "sm_90"
+    trace: bool = False  # per-instruction timing trace (vm/amk_trace.cuh); tools/trace_vm.py only
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -92,7 +93,8 @@ class BuildConfig:
 
     def defines(self) -> list[str]:
         return [f"-DAMK_DTYPE={DTYPE_CODES[self.dtype]}", f"-DAMK_THREADS={self.threads}",
-                f"-DAMK_PIPE={self.pipe}", f"-DAMK_PIPE_CAP={ir.max_pipelining_depth(self.threads, self.dtype)}"]
+                f"-DAMK_PIPE={self.pipe}", f"-DAMK_PIPE_CAP={ir.max_pipelining_depth(self.threads, self.dtype)}",
+                f"-DAMK_TRACE={int(self.trace)}"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def build_cubin(cfg: BuildConfig, *, nvcc: str | None = None, cache: Path | None
     key = build_key(cfg, nvcc, vm)
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    stem = f"amk_vm-{cfg.arch}-{cfg.dtype}-t{cfg.threads}-p{cfg.pipe}-{key}"
+    stem = f"amk_vm-{cfg.arch}-{cfg.dtype}-t{cfg.threads}-p{cfg.pipe}{'-trace' if cfg.trace else ''}-{key}"
     cubin, logf = cache / f"{stem}.cubin", cache / f"{stem}.log"
     if not force and cubin.is_file() and logf.is_file():
         log = logf.read_text()

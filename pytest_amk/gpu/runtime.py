@@ -175,7 +175,9 @@ class GpuRunner:
 
     def __init__(self, program: ir.Program, tensors: dict[int, Any], *, validate: bool = True,
                  watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
-                 arch: str | None = None) -> None:
+                 arch: str | None = None, trace: bool = False) -> None:
+        import dataclasses
+
         import numpy as np
         import torch
 
@@ -189,7 +191,7 @@ class GpuRunner:
         if validate:
             self._validate()
         self.dev = device_info()
-        self.config = BuildConfig.for_program(program, arch or self.dev.arch)
+        self.config = dataclasses.replace(BuildConfig.for_program(program, arch or self.dev.arch), trace=trace)
         self.kernel = load_kernel(self.config)
         device = torch.device("cuda", self.dev.index)
 
@@ -224,6 +226,13 @@ class GpuRunner:
         n_counters = 1 + max((c.id for c in program.counters), default=0)
         self._counters = torch.zeros(n_counters, dtype=torch.int32, device=device)
         self._err = torch.zeros(ERR_WORDS, dtype=torch.int32, device=device)
+        self._trace = None
+        if trace:  # 6 u64 per instruction (vm/amk_trace.cuh), pointed to by the module global amk_trace
+            import pycuda.driver as drv
+
+            self._trace = torch.zeros((len(self.order), 3, 2), dtype=torch.int64, device=device)
+            ptr, _ = self.kernel.module.get_global("amk_trace")
+            drv.memcpy_htod(ptr, np.array([self._trace.data_ptr()], dtype=np.uint64))
 
         # Dynamic shared memory: the buffer table, then the largest op scratch.
         self.dyn_smem = ir.program_smem_bytes(program)
@@ -385,6 +394,13 @@ class GpuRunner:
             self.check()
         samples = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
         return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
+
+    def read_trace(self) -> Any:
+        """The last launch's trace as int64 [instruction (queue order), point, (ns, cycles)]."""
+        if self._trace is None:
+            raise ValueError("this runner was not built with trace=True")
+        self.check()
+        return self._trace.cpu().numpy()
 
     def resources(self) -> dict[str, Any]:
         """What the launch uses, for reports."""
