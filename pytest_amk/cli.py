@@ -277,7 +277,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sf, sched = _load(args.file, args.schedule, args.gpu)
     _require_cuda(args.device)
     try:
-        report = generate.generate_report(sf, sched, args.prompt_ids, args.max_tokens, args.device, args.verify)
+        report = generate.generate_report(sf, sched, args.prompt_ids, args.max_tokens, args.device, args.verify,
+                                          args.tokens_per_launch)
     except generate.GenerationError as e:
         raise InputError(f"{args.file}: {e}") from None
     except pipeline.Rejected as e:
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the reference VM (default); cuda: the megakernel")
     g.add_argument("--verify", action="store_true",
                    help="also eager's tokens (and HF generate's for hf: models); exit 1 if they differ")
+    g.add_argument("--tokens-per-launch", default="1", metavar="K",
+                   help="with --device cuda: decode the new tokens K per kernel launch (the on-device argmax feeds "
+                        "the next step; the program is proven safe for it first); default 1, one launch per token")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 

@@ -23,38 +23,15 @@ flip: the check passes, reports the near-tie divergence, and compares no further
 naming the first differing position and both tokens. In fp32 the sequences are
 exact; bf16 sequences can legitimately part after a near-tie.
 
-Design note, not implemented: one kernel launch that decodes K tokens
----------------------------------------------------------------------
-The per-token path pays one launch, three input writes, a synchronisation and a
-device-to-host read of ``next_token`` per token. A K-token launch keeps the
-persistent grid alive across K steps. What it needs:
-
-* VM (vm/): an outer loop over k = 0..K-1 around the queue walk. Between steps, a
-  grid-wide barrier (every queue done with step k), then block 0 copies
-  ``next_token`` into ``token``, increments ``pos`` and ``seq_len``, appends the
-  token to a new int32 output buffer ``tokens_out[K]`` and resets the counters (or
-  the waits use epoch thresholds ``threshold + k * signals_per_step(counter)``, so
-  counters never reset), then a second barrier releases step k+1. The barriers
-  order every cross-step hazard: activations reused by the next step (WAR), the KV
-  row appended at position p and read by attention at p+1, the input buffers.
-* Launch ABI: K and the address of ``tokens_out`` as two more kernel arguments
-  (``ARG_FORMAT``); the watchdog bounds each wait as today; a fault record names the
-  step k too. The residency check is unchanged (the grid is the same).
-* Program/validator: the instruction stream is step-invariant (inputs are read
-  from buffers), so the proven single-step program is reused; the validator needs
-  one more fact: the inter-step barrier is a full happens-before edge, which makes
-  K steps exactly K copies of the proven step in sequence. ``tokens_out`` is a new
-  OUTPUT buffer written only by block 0 between the barriers.
-* Host (gpu/runtime.py): ``GpuRunner.run_steps(token, pos, k) -> list[int]``:
-  check ``pos + k - 1 < max_seq`` and the token range, write the inputs once,
-  launch once, check, read ``tokens_out``. Logits of the last step only stay in
-  ``logits`` (per-step logits would need a [K, vocab] ring, not needed for greedy).
-* Here: ``generate(..., k_per_launch=K)`` would feed the prompt per token (or as
-  one launch whose first P-1 outputs are ignored: needs a "forced tokens" input
-  buffer), then decode in chunks of K, the last chunk shorter; per-token latency
-  is then the launch time / K. The check of the seed: the K-token sequence equals
-  the per-token sequence exactly (same kernels, same order of reductions), and
-  both are reported with their per-token latency (tools/generate_check.py).
+K tokens in one launch (``tokens_per_launch`` K > 1, ``amk generate --tokens-per-launch K``)
+-------------------------------------------------------------------------------------------
+The per-token path pays one launch, three input writes, a synchronisation and a read of
+``next_token`` per token. With K > 1 on the megakernel, the prompt is still fed one token per
+step, then the new tokens come in launches of K (the last one shorter): the VM runs its queues K
+times in one launch, its on-device argmax feeding the next step's token and position
+(``GpuRunner.run_tokens``; the proof that a program may do so is ``pytest_amk.multistep``, the
+kernel side is in vm/amk_vm.cu). Same kernels, same reduction order: the tokens equal the
+per-token path's exactly. Each token's wall time is its launch's divided by its token count.
 """
 
 from __future__ import annotations
@@ -90,6 +67,7 @@ class Generation:
     tokens: list[int]
     step_us: list[float] = field(default_factory=list)  # every step, prompt steps first
     logits: list[torch.Tensor] | None = None  # logits[i] chose tokens[i] (keep_logits=True)
+    tokens_per_launch: int = 1  # K > 1: new tokens came in K-token launches (step_us: launch time / K)
 
     @property
     def token_us(self) -> list[float]:
@@ -104,7 +82,8 @@ class Generation:
         med = self.median_us
         return {"engine": self.engine, "prompt_ids": self.prompt, "tokens": self.tokens,
                 "latency_us": {"median_per_token": None if med is None else round(med, 1),
-                               "per_token": [round(t, 1) for t in self.token_us]}}
+                               "per_token": [round(t, 1) for t in self.token_us],
+                               "tokens_per_launch": self.tokens_per_launch}}
 
 
 # -- decoders: one decode step each, returning the next token -------------------------
@@ -168,6 +147,10 @@ class GpuDecoder:
         nt = self.runner.next_token()
         return (int(logits.argmax()) if nt is None else nt), logits
 
+    def steps(self, token: int, pos: int, k: int) -> list[int]:
+        """``k`` greedy tokens from ``token`` at ``pos`` in one launch (``GpuRunner.run_tokens``)."""
+        return self.runner.run_tokens(token, pos, k)
+
 
 class EagerDecoder:
     """Eager ``Llama.step`` (its KV cache is reset first); the next token is the argmax."""
@@ -205,12 +188,16 @@ def check_request(prompt: Sequence[int], max_new_tokens: int, max_seq: int, voca
 
 
 def decode(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, *,
-           keep_logits: bool = False) -> Generation:
-    """Greedy decode with any decoder: the prompt one token per step, then its own tokens."""
+           keep_logits: bool = False, tokens_per_launch: int = 1) -> Generation:
+    """Greedy decode with any decoder: the prompt one token per step, then its own tokens
+    (``tokens_per_launch`` > 1: in launches of that many, with a ``GpuDecoder``)."""
     ids = check_request(prompt, max_new_tokens, decoder.max_seq, decoder.vocab)
-    out = Generation(decoder.engine, ids, [], [], [] if keep_logits else None)
+    k = parse_count(tokens_per_launch, "tokens per launch") if tokens_per_launch != 1 else 1
+    out = Generation(decoder.engine, ids, [], [], [] if keep_logits else None, k)
     if max_new_tokens == 0:
         return out
+    if k > 1:
+        return _decode_launches(decoder, out, max_new_tokens, k)
     feed = ids[0]
     for pos in range(len(ids) + max_new_tokens - 1):
         t0 = time.perf_counter()
@@ -226,10 +213,42 @@ def decode(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, *,
     return out
 
 
+def _decode_launches(decoder: Any, out: Generation, n: int, k: int) -> Generation:
+    """The K-token path of ``decode``: prompt tokens but the last one step each (their outputs are
+    unused), then launches of up to ``k`` steps from the last prompt token."""
+    if not hasattr(decoder, "steps"):
+        raise GenerationError(f"{k} tokens per launch need the megakernel (device cuda), not the "
+                              f"{ENGINE_NAMES.get(decoder.engine, decoder.engine)}")
+    if out.logits is not None:
+        raise GenerationError("a K-token launch keeps the last step's logits only: keep_logits needs 1 token "
+                              "per launch")
+    ids = out.prompt
+    for pos in range(len(ids) - 1):
+        t0 = time.perf_counter()
+        decoder.step(ids[pos], pos)
+        out.step_us.append((time.perf_counter() - t0) * 1e6)
+    feed, pos = ids[-1], len(ids) - 1
+    while len(out.tokens) < n:
+        m = min(k, n - len(out.tokens))
+        t0 = time.perf_counter()
+        got = decoder.steps(feed, pos, m)
+        dt = (time.perf_counter() - t0) * 1e6 / m
+        if len(got) != m:
+            raise RuntimeError(f"a {m}-token launch returned {len(got)} tokens")
+        out.step_us += [dt] * m
+        out.tokens += got
+        feed, pos = got[-1], pos + m
+    return out
+
+
 def generate(program: Program, model: Llama | None, prompt: Sequence[int], max_new_tokens: int,
-             device: str = "cpu", *, runner: Any = None, keep_logits: bool = False) -> Generation:
+             device: str = "cpu", *, runner: Any = None, keep_logits: bool = False,
+             tokens_per_launch: int = 1) -> Generation:
     """Greedy tokens from one lowered program: on the reference VM (``cpu``) or the megakernel
-    (``cuda``; pass ``runner`` to reuse a ``GpuRunner`` whose weights are already on the GPU)."""
+    (``cuda``; pass ``runner`` to reuse a ``GpuRunner`` whose weights are already on the GPU).
+    ``tokens_per_launch`` > 1 (cuda only) decodes the new tokens in launches of that many."""
+    if tokens_per_launch != 1 and device != "cuda":
+        raise GenerationError(f"{tokens_per_launch} tokens per launch need device cuda (the megakernel)")
     if device == "cpu":
         if model is None:
             raise ValueError("the reference VM needs the model's weights")
@@ -238,7 +257,7 @@ def generate(program: Program, model: Llama | None, prompt: Sequence[int], max_n
         dec = GpuDecoder(program, model, runner)
     else:
         raise ValueError(f"device {device!r} is not one of cpu, cuda")
-    return decode(dec, prompt, max_new_tokens, keep_logits=keep_logits)
+    return decode(dec, prompt, max_new_tokens, keep_logits=keep_logits, tokens_per_launch=tokens_per_launch)
 
 
 def eager_generate(model: Llama, prompt: Sequence[int], n: int, *, keep_logits: bool = False) -> Generation:
@@ -407,9 +426,10 @@ def _hf_tokens(sf: ScheduleFile, prompt: list[int], n: int) -> tuple[list[int] |
 
 
 def generate_report(sf: ScheduleFile, sched: Schedule, prompt_ids: str, max_tokens: str | int,
-                    device: str = "cpu", verify: bool = False) -> dict[str, Any]:
+                    device: str = "cpu", verify: bool = False, tokens_per_launch: str | int = 1) -> dict[str, Any]:
     """What ``amk generate`` prints (as JSON with ``--json``). Raises GenerationError for bad
-    input, ``pipeline.Rejected`` for a schedule that cannot be lowered or proven safe.
+    input, ``pipeline.Rejected`` for a schedule that cannot be lowered or proven safe (with
+    ``tokens_per_launch`` K > 1: also safe for K-token launches).
     ``ok`` is False when ``verify`` found sequences that differ (any difference, near-tie or not)."""
     from pathlib import Path
 
@@ -417,7 +437,19 @@ def generate_report(sf: ScheduleFile, sched: Schedule, prompt_ids: str, max_toke
 
     prompt = parse_prompt_ids(prompt_ids)
     n = parse_count(max_tokens)
+    k = parse_count(tokens_per_launch, "--tokens-per-launch")
+    if k > 1 and device != "cuda":
+        raise GenerationError(f"--tokens-per-launch: {k} tokens per launch need --device cuda (the megakernel)")
     program = lower_and_prove(sf, sched)  # once, for every token
+    if k > 1:
+        from pytest_amk import multistep
+        from pytest_amk.ir import get_target
+        from pytest_amk.pipeline import Rejected
+
+        try:
+            multistep.prove(program, get_target(sf.gpu))  # cached: the runner's check reuses it
+        except multistep.MultiStepError as e:
+            raise Rejected(f"--tokens-per-launch {k}: {e}") from None
     max_seq, vocab = _program_limits(program)
     for option, count in (("--prompt-ids", 0), ("--max-tokens", n)):
         try:
@@ -428,7 +460,7 @@ def generate_report(sf: ScheduleFile, sched: Schedule, prompt_ids: str, max_toke
         model = schedule_model(sf)
     except HfModelError as e:
         raise GenerationError(str(e)) from None
-    gen = generate(program, model, prompt, n, device)
+    gen = generate(program, model, prompt, n, device, tokens_per_launch=k)
     m = sf.model
     report: dict[str, Any] = {
         "schedule_id": f"{Path(sf.path).name}::{sched.name}", "model": m.id, "dtype": m.dtype, "gpu": sf.gpu,
@@ -461,7 +493,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"prompt {report['prompt_ids']}",
              "tokens: " + " ".join(map(str, report["tokens"])),
              f"latency: median {_us(report['latency_us']['median_per_token'])} per token "
-             f"({len(report['tokens'])} tokens, wall clock per decode step)"]
+             + (f"({len(report['tokens'])} tokens, wall clock per decode step)"
+                if report["latency_us"].get("tokens_per_launch", 1) == 1 else
+                f"({len(report['tokens'])} tokens, up to {report['latency_us']['tokens_per_launch']} per launch: "
+                "wall clock per launch / its tokens)")]
     v = report["verify"]
     if v is None:
         return "\n".join(lines)

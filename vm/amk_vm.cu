@@ -13,6 +13,18 @@
 // Watchdog: a wait that lasts longer than watchdog_ns (%globaltimer, ns) writes
 // the error record and aborts; every other waiting block sees the record and
 // exits, so no program can hang the GPU.
+//
+// K-step launch (steps > 1; pytest_amk/multistep.py proves it safe for the program):
+// the queue runs `steps` times, decoding one token per pass. Counters are never reset
+// inside a launch, so in step s every wait threshold becomes threshold + s *
+// counter_step[c] (signals per step). Every task of a step happens-before the single
+// ARGMAX task (coarse stage counters), so a block that starts step s >= 1 first waits
+// for the ARGMAX counter to reach s * counter_step[barrier_counter] (the step barrier):
+// from then on counter c only moves by step s's own signals, exactly as in one step.
+// Right after the ARGMAX op, its thread 0 stores the token in tokens_out[s] and updates
+// the runtime inputs in place (token = next token, pos += 1, seq_len += 1) before its
+// release signal, so the barrier publishes them to step s + 1. With steps == 1 none of
+// this runs and the kernel behaves as the single-step VM.
 #include "amk_ops.cuh"
 #include "amk_trace.cuh"
 
@@ -30,30 +42,52 @@ __device__ __forceinline__ long long now_ns() {
     return (long long)t;
 }
 
-// Thread 0 only. Returns 1 when the block must stop (watchdog or another block's fault).
-// Polls with ld.acquire and no back-off: measured on an H100 (NOP skeleton of the
-// Llama-1B program), faster than relaxed polls + one fence.acq_rel (185 vs 217 us),
-// and dropping a 32 ns __nanosleep saved ~10% of the sync time on its own.
-__device__ int wait_all(const int* ins, const unsigned* counters, int* err, int sm, int instr,
-                        long long budget_ns) {
+// Thread 0 only: spin until counters[c] >= thr. Returns 1 when the block must stop
+// (watchdog or another block's fault). Polls with ld.acquire and no back-off: measured on
+// an H100 (NOP skeleton of the Llama-1B program), faster than relaxed polls + one
+// fence.acq_rel (185 vs 217 us), and dropping a 32 ns __nanosleep saved ~10% of the sync
+// time on its own. A fault record's extra word is the step (0 for a one-step launch).
+// t0: when the first unmet poll of this instruction's waits began (-1: not yet).
+__device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* err, int sm, int instr, int op,
+                            int step, long long budget_ns, long long& t0) {
+    for (;;) {
+        const unsigned v = ld_acquire(counters + c);
+        if (v >= thr) return 0;
+        if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
+        if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
+        if (now_ns() - t0 > budget_ns) {
+            raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, op, c, (int)v, (int)thr, step);
+            return 1;
+        }
+    }
+}
+
+// Thread 0 only: every (counter, threshold) of the instruction, thresholds shifted to step s.
+__device__ int wait_all(const int* ins, const unsigned* counters, const unsigned* counter_step, int s, int* err,
+                        int sm, int instr, long long budget_ns) {
     long long t0 = -1;
 #pragma unroll 1
     for (int w = 0; w < AMK_MAX_WAITS; ++w) {
         const int c = ins[AMK_W_WAIT_COUNTER(w)];
         if (c < 0) continue;
-        const unsigned thr = (unsigned)ins[AMK_W_WAIT_THRESHOLD(w)];
-        for (;;) {
-            const unsigned v = ld_acquire(counters + c);
-            if (v >= thr) break;
-            if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
-            if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
-            if (now_ns() - t0 > budget_ns) {
-                raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, ins[AMK_W_OP], c, (int)v, (int)thr, 0);
-                return 1;
-            }
-        }
+        const unsigned thr = (unsigned)ins[AMK_W_WAIT_THRESHOLD(w)] + (s ? (unsigned)s * __ldg(counter_step + c) : 0u);
+        if (wait_counter(counters, c, thr, err, sm, instr, ins[AMK_W_OP], s, budget_ns, t0)) return 1;
     }
     return 0;
+}
+
+// K-step launch, thread 0 of the ARGMAX task right after the op (it wrote next_token
+// itself): record the token and advance the runtime inputs for step s + 1. Its release
+// signal, which follows, publishes these writes to every block past the step barrier.
+// Not inlined: runs once per step, and inlined it made ptxas re-allocate the hot loop
+// (bf16, 256 threads: 80 -> 108 registers; 85 as a call, no stack frame, no spills).
+__device__ __noinline__ void advance_inputs(void* const* bufs, const int* ins, int s, int* tokens_out,
+                                            int token_buf, int pos_buf, int seq_len_buf) {
+    const int nt = reinterpret_cast<const int*>(bufs[ins[P_ARGMAX_OUT]])[0];
+    tokens_out[s] = nt;
+    if (token_buf >= 0) reinterpret_cast<int*>(bufs[token_buf])[0] = nt;
+    if (pos_buf >= 0) reinterpret_cast<int*>(bufs[pos_buf])[0] += 1;
+    if (seq_len_buf >= 0) reinterpret_cast<int*>(bufs[seq_len_buf])[0] += 1;
 }
 
 // Start streaming an instruction's weight rows into L2 before its dependencies
@@ -79,7 +113,9 @@ __device__ __forceinline__ void prefetch_weights(const longlong2* pf, int lane) 
 extern "C" __global__ void __launch_bounds__(AMK_THREADS, 1)
 amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, const int* __restrict__ queue_len,
        void* const* __restrict__ buffers, int num_buffers, unsigned* counters, int* error_record,
-       const longlong2* __restrict__ prefetch, long long watchdog_ns) {
+       const longlong2* __restrict__ prefetch, long long watchdog_ns,
+       int steps, const unsigned* __restrict__ counter_step, int* tokens_out, int barrier_counter,
+       int token_buf, int pos_buf, int seq_len_buf) {
     extern __shared__ float4 amk_dyn[];
     __shared__ int s_ins[2][AMK_INSTR_WORDS];
     __shared__ float s_red[AMK_WARPS];
@@ -87,7 +123,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
 
     const int sm = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int q0 = queue_start[sm], n = queue_len[sm];
-    if (n <= 0) return;
+    if (n <= 0 || steps < 1) return;
 
     // Buffer table in shared memory: each op resolves its pointers without a global round trip.
     void** s_bufs = reinterpret_cast<void**>(amk_dyn);
@@ -105,17 +141,29 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
     ctx.err = error_record;
     ctx.sm = sm;
 
-    for (int i = 0; i < n; ++i) {
-        const int* cur = s_ins[i & 1];
+    // i: position in the queue, s: step, par: which s_ins slot holds instruction i.
+    for (int i = 0, s = 0, par = 0;; par ^= 1) {
+        const int* cur = s_ins[par];
         const int gi = q0 + i;
-        const bool has_next = i + 1 < n;
+        const bool last = i + 1 == n;  // the step's last instruction: the next one is q0 again
+        const bool has_next = !last || s + 1 < steps;
+        const int ngi = last ? q0 : gi + 1;
         // Fetch the next instruction and start its weights' prefetch while this one waits.
         int next_word = 0;
-        if (has_next && tid < AMK_INSTR_WORDS) next_word = __ldg(instrs + (size_t)(gi + 1) * AMK_INSTR_WORDS + tid);
-        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)(gi + 1), lane);
+        if (has_next && tid < AMK_INSTR_WORDS) next_word = __ldg(instrs + (size_t)ngi * AMK_INSTR_WORDS + tid);
+        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
         AMK_TRACE_POINT(gi, 0);
-        if (tid == 0) s_stop = wait_all(cur, counters, error_record, sm, gi, watchdog_ns);
-        if (has_next && tid < AMK_INSTR_WORDS) s_ins[(i + 1) & 1][tid] = next_word;
+        if (tid == 0) {
+            // Step barrier: step s - 1's ARGMAX (after every task of that step) has signalled.
+            long long t0 = -1;
+            int stop = i == 0 && s > 0
+                ? wait_counter(counters, barrier_counter, (unsigned)s * __ldg(counter_step + barrier_counter),
+                               error_record, sm, gi, cur[AMK_W_OP], s, watchdog_ns, t0)
+                : 0;
+            if (!stop) stop = wait_all(cur, counters, counter_step, s, error_record, sm, gi, watchdog_ns);
+            s_stop = stop;
+        }
+        if (has_next && tid < AMK_INSTR_WORDS) s_ins[par ^ 1][tid] = next_word;
         __syncthreads();
         if (s_stop) return;
         AMK_TRACE_POINT(gi, 1);
@@ -128,14 +176,19 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
             case OP_RMSNORM: op_rmsnorm(ctx); break;
             case OP_GEMV: op_gemv(ctx); break;
             case OP_ROPE_APPEND: op_rope_append(ctx); break;
-            case OP_ATTN_PARTIAL: op_attn_partial(ctx); break;
+            case OP_ATTN_PARTIAL:  // the two share one inlined body (registers)
+            case OP_ROPE_ATTN_PARTIAL: op_attention(ctx, op == OP_ROPE_ATTN_PARTIAL); break;
             case OP_ATTN_COMBINE: op_attn_combine(ctx); break;
             case OP_ADD: op_add(ctx); break;
             case OP_SILU_MUL: op_silu_mul(ctx); break;
             case OP_LM_HEAD: op_lm_head(ctx); break;
-            case OP_ARGMAX: op_argmax(ctx); break;
+            case OP_ARGMAX:
+                op_argmax(ctx);
+                // Here, not after the barrier below: cur may be overwritten once other threads pass it.
+                if (steps > 1 && tid == 0) advance_inputs(s_bufs, cur, s, tokens_out, token_buf, pos_buf, seq_len_buf);
+                break;
             default:
-                if (tid == 0) raise_fault(error_record, AMK_FAULT_BAD_OPCODE, sm, gi, op, -1, 0, 0, 0);
+                if (tid == 0) raise_fault(error_record, AMK_FAULT_BAD_OPCODE, sm, gi, op, -1, 0, 0, s);
                 break;
         }
         __syncthreads();
@@ -144,6 +197,13 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
             // Release: every thread's writes (ordered before this by the barrier) are visible
             // to whoever acquires the new counter value. One instruction, no return value.
             asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counters + sig) : "memory");
+        }
+        if (!last) {
+            ++i;
+        } else if (++s < steps) {
+            i = 0;
+        } else {
+            break;
         }
     }
 }

@@ -29,7 +29,9 @@ ERR_WORDS = 8  # AMK_ERR_WORDS in vm/amk_common.cuh
 FAULT_WATCHDOG, FAULT_BAD_OPCODE, FAULT_BAD_INPUT = 1, 2, 3
 DEFAULT_WATCHDOG_S = 2.0
 DEFAULT_PREFETCH_BYTES = 64 << 10  # L2 prefetch per weight range and instruction (0: off)
-ARG_FORMAT = "PPPPiPPPq"  # instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, ns
+# instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, watchdog ns, then the K-step
+# launch's: steps, counter_step, tokens_out, barrier counter, token / pos / seq_len buffer ids (vm/amk_vm.cu).
+ARG_FORMAT = "PPPPiPPPqiPPiiii"
 
 
 @functools.lru_cache(maxsize=1)
@@ -225,6 +227,14 @@ class GpuRunner:
         self._ptrs, self._prefetch = dev_tensor(ptrs), dev_tensor(pf)
         n_counters = 1 + max((c.id for c in program.counters), default=0)
         self._counters = torch.zeros(n_counters, dtype=torch.int32, device=device)
+        # K-step launches (run_tokens): signals per step of each counter, and the tokens of each step.
+        from pytest_amk.multistep import counter_steps
+
+        steps = counter_steps(program) + [0] * n_counters
+        self._counter_step = torch.tensor(steps[:n_counters], dtype=torch.int32, device=device)
+        self._tokens_out = torch.zeros(1, dtype=torch.int32, device=device)
+        self._step_plan: Any = None
+        self._steps = 1  # of the last launch
         self._err = torch.zeros(ERR_WORDS, dtype=torch.int32, device=device)
         self._trace = None
         if trace:  # 6 u64 per instruction (vm/amk_trace.cuh), pointed to by the module global amk_trace
@@ -304,26 +314,34 @@ class GpuRunner:
             if bid is not None:
                 self.tensors[bid].fill_(value)
 
-    def launch(self) -> None:
-        """Zero counters and the error record, then launch (asynchronously, null stream)."""
+    def launch(self, steps: int = 1) -> None:
+        """Zero counters and the error record, then launch (asynchronously, null stream).
+        ``steps`` > 1 only through ``run_tokens``, which proves the program can take it."""
         import torch
 
         stream = torch.cuda.current_stream(self.dev.index)
         if stream.cuda_stream != 0:  # our launch goes to the null stream: order it by hand
             stream.synchronize()
         self._reset()
-        self._launch_raw()
+        self._launch_raw(steps)
 
     def _reset(self) -> None:
         self._counters.zero_()
         self._err.zero_()
 
-    def _launch_raw(self) -> None:
+    def _launch_raw(self, steps: int = 1) -> None:
+        plan = self._step_plan if steps > 1 else None
+        if steps > 1 and (plan is None or self._tokens_out.numel() < steps):
+            raise RuntimeError("a K-step launch needs run_tokens' proof and tokens_out first")
+        ids = [-1, -1, -1, -1] if plan is None else [plan.barrier_counter] + [
+            -1 if plan.inputs[n] is None else plan.inputs[n] for n in ("token", "pos", "seq_len")]
+        self._steps = steps
         self.kernel.func.prepared_call(
             (self.grid, 1, 1), (self.config.threads, 1, 1),
             self._instrs.data_ptr(), self._starts.data_ptr(), self._lens.data_ptr(), self._ptrs.data_ptr(),
             self.num_buffers, self._counters.data_ptr(), self._err.data_ptr(), self._prefetch.data_ptr(),
-            int(self.watchdog_s * 1e9), shared_size=self.dyn_smem)
+            int(self.watchdog_s * 1e9), steps, self._counter_step.data_ptr(), self._tokens_out.data_ptr(), *ids,
+            shared_size=self.dyn_smem)
 
     def check(self) -> None:
         """Synchronise and raise GpuFault / WatchdogTimeout from the error record."""
@@ -343,6 +361,8 @@ class GpuRunner:
         tid = task.id if task else None
         opname = ir.OPS_BY_CODE[op].name if op in ir.OPS_BY_CODE else f"opcode {op}"
         where = f"task {tid} ({opname}) on SM {sm}"
+        if self._steps > 1 and code in (FAULT_WATCHDOG, FAULT_BAD_OPCODE):  # the VM's own faults record the step
+            where += f" in step {extra} of {self._steps}"
         kw = dict(code=code, task=tid, op=opname, sm=sm, counter=counter, value=value, threshold=threshold)
         if code == FAULT_WATCHDOG:
             raise WatchdogTimeout(
@@ -394,6 +414,77 @@ class GpuRunner:
             self.check()
         samples = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
         return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
+
+    # -- K tokens in one launch (pytest_amk/multistep.py, vm/amk_vm.cu) ----------------------
+    def step_plan(self) -> Any:
+        """The proof that this program may run K steps in one launch (once per runner);
+        raises multistep.MultiStepError when it may not."""
+        if self._step_plan is None:
+            from pytest_amk.multistep import prove
+
+            target = ir.TARGETS.get(str(self.program.meta.get("target", "h100")))
+            self._step_plan = prove(self.program, target)
+        return self._step_plan
+
+    def _prepare_tokens(self, token: int, pos: int, k: int) -> None:
+        """Prove (once), check the request, write the inputs; raises before any launch."""
+        import torch
+
+        from pytest_amk.multistep import check_request
+
+        check_request(self.step_plan(), pos, k)
+        self.set_inputs(token, pos)
+        if self._tokens_out.numel() < k:
+            self._tokens_out = torch.zeros(k, dtype=torch.int32, device=self._counters.device)
+
+    def run_tokens(self, token: int, pos: int, k: int) -> list[int]:
+        """Greedy-decode ``k`` tokens in one launch from ``token`` at ``pos``: token i is the argmax
+        of the step at position pos + i (the per-token path's ``next_token`` after each step).
+        The logits left behind are the last step's; ``k == 1`` is a plain ``run_step``."""
+        from pytest_amk.multistep import check_k
+
+        if check_k(k) == 1:  # the one-step kernel path, unchanged (set_inputs refuses bad positions)
+            self.run_step(token, pos)
+            nt = self.next_token()
+            return [] if nt is None else [nt]
+        self._prepare_tokens(token, pos, k)
+        self.launch(k)
+        self.check()
+        return [int(t) for t in self._tokens_out[:k].cpu().tolist()]
+
+    def time_tokens(self, token: int, pos: int, k: int, *, warmup: int = 2, iters: int = 10,
+                    flush_l2: bool = True) -> Timing:
+        """Per-token latency of a K-token launch: the median over ``iters`` launches (CUDA events
+        around each launch, after ``warmup``) divided by ``k``; ``extra["launch_us"]`` is the
+        launch. Inputs are rewritten and the L2 flushed (``flush_l2``) outside the timed region."""
+        import torch
+
+        self.run_tokens(token, pos, k)  # proof and faults surface here, before any timing
+        if k == 1:
+            t = self.time_step(token, pos, warmup=warmup, iters=iters, flush_l2=flush_l2)
+            t.extra.update(k=1, launch_us=t.median_us)
+            return t
+        flush = torch.empty(2 * self.dev.l2_bytes, dtype=torch.uint8, device=f"cuda:{self.dev.index}") \
+            if flush_l2 else None
+        from pytest_amk.devices import exclusive_gpu
+
+        events = []
+        with exclusive_gpu():
+            for _ in range(warmup + iters):
+                self.set_inputs(token, pos)  # the K-step launch advanced them in place
+                if flush is not None:
+                    flush.fill_(1)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self._reset()
+                start.record()
+                self._launch_raw(k)
+                end.record()
+                events.append((start, end))
+            self.check()
+        launches = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
+        med = statistics.median(launches)
+        return Timing(med / k, [x / k for x in launches], self.dev.name, flush_l2,
+                      {"k": k, "launch_us": med, "launch_samples_us": launches})
 
     def read_trace(self) -> Any:
         """The last launch's trace as int64 [instruction (queue order), point, (ns, cycles)]."""
