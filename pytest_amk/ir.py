@@ -30,6 +30,8 @@ INSTR_WORDS = HEADER_WORDS + PARAM_WORDS  # 32 words = 128 bytes
 NO_COUNTER = -1
 NO_BUFFER = -1
 MAX_HEAD_DIM = 256  # the VM keeps a key row per lane group in registers
+# Attention stages its KV block in shared memory in chunks of at most this many bytes (K and V).
+ATTN_CHUNK_BYTES = 32 << 10
 
 
 class DType(enum.StrEnum):
@@ -97,12 +99,15 @@ OPS: tuple[OpSpec, ...] = (
     ),
     OpSpec(
         "GEMV", 3,
-        ("inp", "weight", "out", "n_lo", "n_hi", "k", "norm_weight", "eps", "residual", "act", "up_row"),
+        ("inp", "weight", "out", "n_lo", "n_hi", "k", "norm_weight", "eps", "residual", "act", "up_row",
+         "inp_blocks", "head_dim"),
         ("inp", "weight", "out", "norm_weight", "residual"),
         float_params=("eps",),
         optional=("norm_weight", "residual"),
         doc=(
-            "x = inp[0:k]; if norm_weight: x = RMSNORM(x) rounded to dtype. "
+            "x = inp[0:k]; if inp_blocks > 0, inp is instead an fp32 attention partial buffer of k/head_dim "
+            "heads x inp_blocks blocks and x = ATTN_COMBINE of all of them rounded to dtype (the combine "
+            "fused into its consumer). If norm_weight: x = RMSNORM(x) rounded to dtype. "
             "y_i = sum_j weight[i*k + j] * x[j] (fp32). act=0: v = y_i; act=1 (SiLU-mul): "
             "v = round(silu(round(y_i))) * round(y_(up_row+i)) with up rows at up_row+i. "
             "If residual: out[i] = round(residual[i] + round(v)) else out[i] = round(v); i in [n_lo, n_hi)."
@@ -142,6 +147,19 @@ OPS: tuple[OpSpec, ...] = (
         doc=(
             "For h in [head_lo, head_hi): M = max_b m_b; out[h*D + d] = "
             "sum_b exp(m_b - M) o_b[d] / sum_b exp(m_b - M) l_b (blocks with l_b = 0 skipped)."
+        ),
+    ),
+    OpSpec(
+        "ROPE_ATTN_PARTIAL", 11,
+        ("qkv", "rope", "pos", "k_cache", "v_cache", "seq_len", "partial", "kv_head", "blk", "kv_block",
+         "n_heads", "n_kv_heads", "head_dim", "max_seq", "n_blocks", "scale"),
+        ("qkv", "rope", "pos", "k_cache", "v_cache", "seq_len", "partial"),
+        float_params=("scale",),
+        doc=(
+            "ROPE_APPEND fused into ATTN_PARTIAL (one sync level less): the q heads of kv head g are "
+            "roped from qkv (rounded to dtype) in the task; the task whose block holds pos[0] also "
+            "writes k head g (roped) and v head g to the caches at pos, as ROPE_APPEND does; then "
+            "ATTN_PARTIAL over the block with those q heads."
         ),
     ),
     OpSpec(
@@ -425,6 +443,7 @@ def cuda_header() -> str:
         f"#define AMK_NO_COUNTER ({NO_COUNTER})",
         f"#define AMK_NO_BUFFER ({NO_BUFFER})",
         f"#define AMK_MAX_HEAD_DIM {MAX_HEAD_DIM}",
+        f"#define AMK_ATTN_CHUNK_BYTES {ATTN_CHUNK_BYTES}",
     ]
     for op in OPS:
         lines.append(f"#define OP_{op.name} {op.code}")
@@ -448,10 +467,24 @@ def task_smem_bytes(program: Program, task: Task) -> int:
     p = task.params
     if task.op in ("GEMV", "LM_HEAD"):
         return 4 * int(p["k"])
-    if task.op == "ATTN_PARTIAL":
+    if task.op in ("ATTN_PARTIAL", "ROPE_ATTN_PARTIAL"):
+        esize = DType(str(program.meta.get("dtype", "bf16"))).nbytes
         rep = int(p["n_heads"]) // max(1, int(p["n_kv_heads"]))
-        return 4 * rep * (int(p["head_dim"]) + int(p["kv_block"]))
+        d, ch = int(p["head_dim"]), attn_chunk(int(p["kv_block"]), int(p["head_dim"]), esize)
+        # fp32: q and o accumulators [rep][D], scores [rep][chunk], (m, l, alpha) per head;
+        # then the K and V chunk in the model dtype, rows padded (bank-conflict-free columns).
+        return 4 * rep * (2 * d + ch + 3) + 2 * ch * (d + kv_pad(esize)) * esize + 16
     return 0
+
+
+def kv_pad(esize: int) -> int:
+    """Elements of padding per staged K/V row: an odd row stride in 4-byte words."""
+    return 1 if esize == 4 else 2
+
+
+def attn_chunk(kv_block: int, head_dim: int, esize: int) -> int:
+    """Positions of a KV block staged in shared memory at once (the VM computes the same)."""
+    return max(1, min(kv_block, ATTN_CHUNK_BYTES // (2 * (head_dim + kv_pad(esize)) * esize)))
 
 
 def buffer_table_bytes(program: Program) -> int:
@@ -507,10 +540,15 @@ def footprint(op: str, params: dict[str, Any]) -> list[tuple[str, str, int, int]
             return fp + [("amax", "w", 2 * p["tile"], 2 * p["tile"] + 2)]
         if p["act"] not in (0, 1):
             raise ValueError(f"act = {p['act']} (expected 0 or 1)")
+        if p["inp_blocks"] < 0 or (p["inp_blocks"] and (p["head_dim"] < 1 or k % p["head_dim"])):
+            raise ValueError(f"inp_blocks = {p['inp_blocks']}, head_dim = {p['head_dim']} with k = {k}: "
+                             "head_dim must divide k when the input is attention partials")
+        if p["inp_blocks"]:
+            fp[0] = ("inp", "r", 0, k // p["head_dim"] * p["inp_blocks"] * (p["head_dim"] + 2))
         if p["act"]:
             fp.append(("weight", "r", (p["up_row"] + lo) * k, (p["up_row"] + hi) * k))
         return fp + [("residual", "r", lo, hi)]
-    if op in ("ROPE_APPEND", "ATTN_PARTIAL"):
+    if op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL"):
         nh, nkv, d, s, g = p["n_heads"], p["n_kv_heads"], p["head_dim"], p["max_seq"], p["kv_head"]
         if nkv < 1 or nh % nkv or d < 1 or s < 1 or not 0 <= g < nkv:
             raise ValueError(f"n_heads = {nh}, n_kv_heads = {nkv}, head_dim = {d}, max_seq = {s}, "
@@ -531,7 +569,17 @@ def footprint(op: str, params: dict[str, Any]) -> list[tuple[str, str, int, int]
         if kb < 1 or not 0 <= blk < nb:
             raise ValueError(f"blk = {blk}, kv_block = {kb}, n_blocks = {nb} are inconsistent")
         kv = ((g * s + blk * kb) * d, (g * s + min(s, (blk + 1) * kb)) * d)
-        return [("q", "r", *q), ("k_cache", "r", *kv), ("v_cache", "r", *kv), ("seq_len", "r", 0, 1)] + [
+        if op == "ROPE_ATTN_PARTIAL":
+            if d % 2:
+                raise ValueError(f"head_dim = {d} must be even for RoPE")
+            ko, vo = (nh + g) * d, (nh + nkv + g) * d
+            # The block's cache rows: read, and written at pos when pos falls in the block.
+            ins = [("qkv", "r", *q), ("qkv", "r", ko, ko + d), ("qkv", "r", vo, vo + d),
+                   ("rope", "r", 0, s * d), ("pos", "r", 0, 1), ("k_cache", "r", *kv), ("v_cache", "r", *kv),
+                   ("k_cache", "w", *kv), ("v_cache", "w", *kv)]
+        else:
+            ins = [("q", "r", *q), ("k_cache", "r", *kv), ("v_cache", "r", *kv)]
+        return ins + [("seq_len", "r", 0, 1)] + [
             ("partial", "w", (h * nb + blk) * (d + 2), (h * nb + blk + 1) * (d + 2))
             for h in range(g * rep, (g + 1) * rep)]
     if op == "ATTN_COMBINE":

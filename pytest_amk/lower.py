@@ -122,8 +122,9 @@ def task_count(cfg: LlamaConfig, knobs: dict[str, Any], num_sms: int, max_seq: i
         mlp = norm * tiles(h) + tiles(cfg.ffn, n_tile)
     else:
         mlp = norm * tiles(h) + tiles(2 * cfg.ffn, n_tile) + tiles(cfg.ffn)
-    layer = (norm * tiles(h) + tiles(cfg.qkv_rows, n_tile) + cfg.kv_heads * (1 + n_blocks)
-             + -(-cfg.heads // knobs["tiling.attention.combine_heads"])
+    rope = 0 if ("rope_append", "attn_partial") in fusions else cfg.kv_heads
+    combine = 0 if ("attn_combine", "gemv") in fusions else -(-cfg.heads // knobs["tiling.attention.combine_heads"])
+    layer = (norm * tiles(h) + tiles(cfg.qkv_rows, n_tile) + rope + cfg.kv_heads * n_blocks + combine
              + 2 * (tiles(h, n_tile) + res * tiles(h)) + mlp)
     return tiles(h) + cfg.layers * layer + norm * tiles(h) + tiles(cfg.vocab, knobs["tiling.lm_head.n_tile"]) + 1
 
@@ -139,6 +140,8 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     fuse_norm = ("rmsnorm", "gemv") in fusions
     fuse_residual = ("gemv", "residual_add") in fusions
     fuse_silu = ("gemv", "silu_mul") in fusions
+    fuse_rope = ("rope_append", "attn_partial") in fusions
+    fuse_combine = ("attn_combine", "gemv") in fusions
     n_tile, lm_tile = knobs["tiling.gemv.n_tile"], knobs["tiling.lm_head.n_tile"]
     kv_block = min(knobs["tiling.attention.kv_block"], max_seq)
     combine_heads = knobs["tiling.attention.combine_heads"]
@@ -175,17 +178,19 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
         return out
 
     def gemv(name: str, x: int, k: int, weight: int, n: int, *, norm: int = -1,
-             residual: int = -1, silu_up: int = 0) -> int:
-        """out[0:n] = W x (+ residual), tiled over rows; with silu_up, rows silu_up+i are 'up'."""
+             residual: int = -1, silu_up: int = 0, inp_blocks: int = 0) -> int:
+        """out[0:n] = W x (+ residual), tiled over rows; with silu_up, rows silu_up+i are 'up';
+        with inp_blocks, x is the attention partial buffer (combined while staging)."""
         if norm >= 0 and not fuse_norm:
             x, norm = rmsnorm(name + ".norm", x, norm), -1
         if residual >= 0 and not fuse_residual:
-            partial = gemv(name + ".proj", x, k, weight, n, norm=norm)
+            partial = gemv(name + ".proj", x, k, weight, n, norm=norm, inp_blocks=inp_blocks)
             return add(name, residual, partial, n)
         out = b.buffer(name, A, dt, n)
         stage_tiles = []
+        x_len = k // d * inp_blocks * (d + 2) if inp_blocks else k
         for lo, hi in tiles(n, n_tile):
-            reads = [Region(x, 0, k), Region(weight, lo * k, hi * k)]
+            reads = [Region(x, 0, x_len), Region(weight, lo * k, hi * k)]
             if silu_up:
                 reads.append(Region(weight, (silu_up + lo) * k, (silu_up + hi) * k))
             if norm >= 0:
@@ -193,7 +198,8 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
             if residual >= 0:
                 reads.append(Region(residual, lo, hi))
             params = dict(inp=x, weight=weight, out=out, n_lo=lo, n_hi=hi, k=k, norm_weight=norm,
-                          eps=eps, residual=residual, act=1 if silu_up else 0, up_row=silu_up)
+                          eps=eps, residual=residual, act=1 if silu_up else 0, up_row=silu_up,
+                          inp_blocks=inp_blocks, head_dim=d if inp_blocks else 0)
             rows = (hi - lo) * (2 if silu_up else 1)
             stage_tiles.append(_Tile("GEMV", params, reads, [Region(out, lo, hi)], rows * k * esize))
         b.stage(name, stage_tiles)
@@ -229,53 +235,63 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
         v_cache = b.buffer(p + "v_cache", BufferKind.KV, dt, cfg.kv_heads, max_seq, d)
 
         qkv = gemv(p + "qkv", x, h, wqkv, cfg.qkv_rows, norm=attn_norm)
-        q = b.buffer(p + "q", A, dt, cfg.heads * d)
-        stage_tiles = []
-        for g in range(cfg.kv_heads):
-            k_off, v_off = (cfg.heads + g) * d, (cfg.heads + cfg.kv_heads + g) * d
-            kv_rows = Region(k_cache, g * max_seq * d, (g + 1) * max_seq * d)
-            stage_tiles.append(_Tile(
-                "ROPE_APPEND",
-                dict(qkv=qkv, rope=rope, pos=pos, q_out=q, k_cache=k_cache, v_cache=v_cache,
-                     kv_head=g, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads, head_dim=d,
-                     max_seq=max_seq),
-                [Region(qkv, g * rep * d, (g + 1) * rep * d), Region(qkv, k_off, k_off + d),
-                 Region(qkv, v_off, v_off + d), Region(rope, 0, max_seq * d), Region(pos, 0, 1)],
-                [Region(q, g * rep * d, (g + 1) * rep * d), kv_rows,
-                 Region(v_cache, kv_rows.lo, kv_rows.hi)],
-                (rep + 2) * d * 2.0,
-            ))
-        b.stage(p + "rope_append", stage_tiles)
+        q = qkv  # fused: the attention tasks rope q themselves and append k, v
+        if not fuse_rope:
+            q = b.buffer(p + "q", A, dt, cfg.heads * d)
+            stage_tiles = []
+            for g in range(cfg.kv_heads):
+                k_off, v_off = (cfg.heads + g) * d, (cfg.heads + cfg.kv_heads + g) * d
+                kv_rows = Region(k_cache, g * max_seq * d, (g + 1) * max_seq * d)
+                stage_tiles.append(_Tile(
+                    "ROPE_APPEND",
+                    dict(qkv=qkv, rope=rope, pos=pos, q_out=q, k_cache=k_cache, v_cache=v_cache,
+                         kv_head=g, n_heads=cfg.heads, n_kv_heads=cfg.kv_heads, head_dim=d,
+                         max_seq=max_seq),
+                    [Region(qkv, g * rep * d, (g + 1) * rep * d), Region(qkv, k_off, k_off + d),
+                     Region(qkv, v_off, v_off + d), Region(rope, 0, max_seq * d), Region(pos, 0, 1)],
+                    [Region(q, g * rep * d, (g + 1) * rep * d), kv_rows,
+                     Region(v_cache, kv_rows.lo, kv_rows.hi)],
+                    (rep + 2) * d * 2.0,
+                ))
+            b.stage(p + "rope_append", stage_tiles)
 
         partial = b.buffer(p + "attn_partial", A, DType.FP32, cfg.heads, n_blocks, d + 2)
         stage_tiles = []
         for g in range(cfg.kv_heads):
             for blk in range(n_blocks):
                 lo, hi = (g * max_seq + blk * kv_block) * d, (g * max_seq + min(max_seq, (blk + 1) * kv_block)) * d
-                stage_tiles.append(_Tile(
-                    "ATTN_PARTIAL",
-                    dict(q=q, k_cache=k_cache, v_cache=v_cache, seq_len=seq_len, partial=partial,
-                         kv_head=g, blk=blk, kv_block=kv_block, n_heads=cfg.heads,
-                         n_kv_heads=cfg.kv_heads, head_dim=d, max_seq=max_seq, n_blocks=n_blocks,
-                         scale=1.0 / math.sqrt(d)),
-                    [Region(q, g * rep * d, (g + 1) * rep * d), Region(k_cache, lo, hi),
-                     Region(v_cache, lo, hi), Region(seq_len, 0, 1)],
-                    [Region(partial, (hh * n_blocks + blk) * (d + 2), (hh * n_blocks + blk + 1) * (d + 2))
-                     for hh in range(g * rep, (g + 1) * rep)],
-                    2.0 * (hi - lo) * esize,
-                ))
+                params = dict(k_cache=k_cache, v_cache=v_cache, seq_len=seq_len, partial=partial,
+                              kv_head=g, blk=blk, kv_block=kv_block, n_heads=cfg.heads,
+                              n_kv_heads=cfg.kv_heads, head_dim=d, max_seq=max_seq, n_blocks=n_blocks,
+                              scale=1.0 / math.sqrt(d))
+                writes = [Region(partial, (hh * n_blocks + blk) * (d + 2), (hh * n_blocks + blk + 1) * (d + 2))
+                          for hh in range(g * rep, (g + 1) * rep)]
+                reads = [Region(q, g * rep * d, (g + 1) * rep * d), Region(k_cache, lo, hi),
+                         Region(v_cache, lo, hi), Region(seq_len, 0, 1)]
+                if fuse_rope:
+                    k_off, v_off = (cfg.heads + g) * d, (cfg.heads + cfg.kv_heads + g) * d
+                    params |= dict(qkv=qkv, rope=rope, pos=pos)
+                    reads += [Region(qkv, k_off, k_off + d), Region(qkv, v_off, v_off + d),
+                              Region(rope, 0, max_seq * d), Region(pos, 0, 1)]
+                    writes += [Region(k_cache, lo, hi), Region(v_cache, lo, hi)]
+                else:
+                    params["q"] = q
+                stage_tiles.append(_Tile("ROPE_ATTN_PARTIAL" if fuse_rope else "ATTN_PARTIAL", params, reads,
+                                         writes, 2.0 * (hi - lo) * esize))
         b.stage(p + "attn_partial", stage_tiles)
 
-        attn = b.buffer(p + "attn", A, dt, cfg.heads * d)
-        b.stage(p + "attn_combine", [
-            _Tile("ATTN_COMBINE",
-                  dict(partial=partial, out=attn, head_lo=lo, head_hi=hi, n_blocks=n_blocks, head_dim=d),
-                  [Region(partial, lo * n_blocks * (d + 2), hi * n_blocks * (d + 2))],
-                  [Region(attn, lo * d, hi * d)], 4.0 * (hi - lo) * n_blocks * (d + 2))
-            for lo, hi in _split(cfg.heads, combine_heads)
-        ])
-
-        hmid = gemv(p + "h", attn, cfg.heads * d, wo, h, residual=x)
+        if fuse_combine:
+            hmid = gemv(p + "h", partial, cfg.heads * d, wo, h, residual=x, inp_blocks=n_blocks)
+        else:
+            attn = b.buffer(p + "attn", A, dt, cfg.heads * d)
+            b.stage(p + "attn_combine", [
+                _Tile("ATTN_COMBINE",
+                      dict(partial=partial, out=attn, head_lo=lo, head_hi=hi, n_blocks=n_blocks, head_dim=d),
+                      [Region(partial, lo * n_blocks * (d + 2), hi * n_blocks * (d + 2))],
+                      [Region(attn, lo * d, hi * d)], 4.0 * (hi - lo) * n_blocks * (d + 2))
+                for lo, hi in _split(cfg.heads, combine_heads)
+            ])
+            hmid = gemv(p + "h", attn, cfg.heads * d, wo, h, residual=x)
         if fuse_silu:
             act = gemv(p + "act", hmid, h, w_gate_up, cfg.ffn, norm=mlp_norm, silu_up=cfg.ffn)
         else:

@@ -118,7 +118,11 @@ def _gemv_rows(bufs: Tensors, p: dict[str, Any], x: torch.Tensor, lo: int, hi: i
 
 
 def _gemv_input(bufs: Tensors, p: dict[str, Any]) -> torch.Tensor:
-    x = bufs[p["inp"]][: p["k"]]
+    if p.get("inp_blocks", 0) > 0:  # attention partials: the combine is fused into this GEMV
+        d = p["head_dim"]
+        x = _combine(bufs[p["inp"]], 0, p["k"] // d, p["inp_blocks"], d, bufs[p["weight"]].dtype)
+    else:
+        x = bufs[p["inp"]][: p["k"]]
     if p["norm_weight"] >= 0:
         x = _norm(x, bufs[p["norm_weight"]][: p["k"]], p["eps"])
     return x
@@ -176,7 +180,8 @@ def op_rope_append(bufs: Tensors, p: dict[str, Any]) -> None:
     bufs[p["v_cache"]][dst] = qkv[v_off : v_off + d]
 
 
-def op_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
+def _attend(bufs: Tensors, p: dict[str, Any], q_of: Any) -> None:
+    """ATTN_PARTIAL over the task's block; ``q_of(h)`` gives q head h (dtype)."""
     d, g, ms, blk, kb = p["head_dim"], p["kv_head"], p["max_seq"], p["blk"], p["kv_block"]
     rep = p["n_heads"] // p["n_kv_heads"]
     seq = int(bufs[p["seq_len"]][0])
@@ -188,7 +193,7 @@ def op_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
             part[base] = float("-inf")
             part[base + 1 : base + d + 2] = 0.0
             continue
-        q = bufs[p["q"]][h * d : (h + 1) * d].float()
+        q = q_of(h).float()
         k = bufs[p["k_cache"]][(g * ms + lo) * d : (g * ms + hi) * d].view(hi - lo, d).float()
         v = bufs[p["v_cache"]][(g * ms + lo) * d : (g * ms + hi) * d].view(hi - lo, d).float()
         s = (k @ q) * p["scale"]
@@ -199,19 +204,46 @@ def op_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
         part[base + 2 : base + d + 2] = e @ v
 
 
-def op_attn_combine(bufs: Tensors, p: dict[str, Any]) -> None:
-    d, nb = p["head_dim"], p["n_blocks"]
-    part = bufs[p["partial"]]
-    out = bufs[p["out"]]
-    for h in range(p["head_lo"], p["head_hi"]):
+def op_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
+    d = p["head_dim"]
+    _attend(bufs, p, lambda h: bufs[p["q"]][h * d : (h + 1) * d])
+
+
+def op_rope_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
+    d, g, ms, blk, kb = p["head_dim"], p["kv_head"], p["max_seq"], p["blk"], p["kv_block"]
+    rep = p["n_heads"] // p["n_kv_heads"]
+    pos = int(bufs[p["pos"]][0])
+    table = bufs[p["rope"]].view(ms, d // 2, 2)[pos]
+    qkv = bufs[p["qkv"]]
+    q = _rope(qkv[g * rep * d : (g + 1) * rep * d].view(rep, d), table)
+    if blk * kb <= pos < (blk + 1) * kb:  # this block holds the new position: append k and v
+        k_off, v_off = (p["n_heads"] + g) * d, (p["n_heads"] + p["n_kv_heads"] + g) * d
+        dst = slice((g * ms + pos) * d, (g * ms + pos + 1) * d)
+        bufs[p["k_cache"]][dst] = _rope(qkv[k_off : k_off + d], table)
+        bufs[p["v_cache"]][dst] = qkv[v_off : v_off + d]
+    _attend(bufs, p, lambda h: q[h - g * rep])
+
+
+def _combine(part: torch.Tensor, h_lo: int, h_hi: int, nb: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """ATTN_COMBINE of heads [h_lo, h_hi) from fp32 partials, rounded to ``dtype``."""
+    out = torch.empty((h_hi - h_lo) * d, dtype=dtype, device=part.device)
+    for h in range(h_lo, h_hi):
         rows = part[h * nb * (d + 2) : (h + 1) * nb * (d + 2)].view(nb, d + 2)
         live = rows[rows[:, 1] > 0]
+        o = out[(h - h_lo) * d : (h - h_lo + 1) * d]
         if len(live) == 0:  # only reachable when partials were never written (NaN)
-            out[h * d : (h + 1) * d] = float("nan")
+            o.fill_(float("nan"))
             continue
         m = live[:, 0]
         scale = torch.exp(m - m.max())
-        out[h * d : (h + 1) * d] = ((scale @ live[:, 2:]) / (scale @ live[:, 1])).to(out.dtype)
+        o.copy_(((scale @ live[:, 2:]) / (scale @ live[:, 1])).to(dtype))
+    return out
+
+
+def op_attn_combine(bufs: Tensors, p: dict[str, Any]) -> None:
+    d, lo, hi = p["head_dim"], p["head_lo"], p["head_hi"]
+    out = bufs[p["out"]]
+    out[lo * d : hi * d] = _combine(bufs[p["partial"]], lo, hi, p["n_blocks"], d, out.dtype)
 
 
 def op_add(bufs: Tensors, p: dict[str, Any]) -> None:
@@ -249,6 +281,7 @@ OPS_IMPL = {
     "ROPE_APPEND": op_rope_append,
     "ATTN_PARTIAL": op_attn_partial,
     "ATTN_COMBINE": op_attn_combine,
+    "ROPE_ATTN_PARTIAL": op_rope_attn_partial,
     "ADD": op_add,
     "SILU_MUL": op_silu_mul,
     "LM_HEAD": op_lm_head,

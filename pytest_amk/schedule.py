@@ -34,7 +34,8 @@ class ScheduleError(Exception):
         super().__init__(f"{self.path}: {self.key}: {self.reason}" if key else f"{self.path}: {self.reason}")
 
 
-FUSIONS = (("rmsnorm", "gemv"), ("gemv", "residual_add"), ("gemv", "silu_mul"))
+FUSIONS = (("rmsnorm", "gemv"), ("gemv", "residual_add"), ("gemv", "silu_mul"), ("rope_append", "attn_partial"),
+           ("attn_combine", "gemv"))
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("tiling.attention.kv_block", int, 64, (16, 32, 64, 128, 256), lo=1, hi=1 << 20,
          doc="KV positions per split-KV attention task (a combine task merges them)"),
     Knob("tiling.attention.combine_heads", int, 1, (1, 2, 4, 8), lo=1, hi=1024,
-         doc="query heads merged per attention-combine task"),
+         doc="query heads merged per attention-combine task (when attn_combine+gemv is not fused)"),
     Knob("fusion", list, ALL_FUSIONS, (), doc="fused op pairs: " + ", ".join(
         "+".join(f) for f in FUSIONS)),
 )}

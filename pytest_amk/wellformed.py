@@ -25,6 +25,8 @@ _DTYPES: dict[tuple[str, str], DType] = {
     ("EMBED", "token"): DType.INT32, ("ROPE_APPEND", "pos"): DType.INT32,
     ("ROPE_APPEND", "rope"): DType.FP32, ("ATTN_PARTIAL", "seq_len"): DType.INT32,
     ("ATTN_PARTIAL", "partial"): DType.FP32, ("ATTN_COMBINE", "partial"): DType.FP32,
+    ("ROPE_ATTN_PARTIAL", "pos"): DType.INT32, ("ROPE_ATTN_PARTIAL", "rope"): DType.FP32,
+    ("ROPE_ATTN_PARTIAL", "seq_len"): DType.INT32, ("ROPE_ATTN_PARTIAL", "partial"): DType.FP32,
     ("LM_HEAD", "out"): DType.FP32, ("LM_HEAD", "amax"): DType.FP32, ("ARGMAX", "amax"): DType.FP32,
 }
 
@@ -147,6 +149,12 @@ def _check_footprint(t: Task, p: dict[str, Any], bufs: list[Buffer], E: _Errors)
             b = bufs[p[name]]
             E.add("malformed", f"{_tl(t)}: param {name!r} is {b.kind.value} '{b.name}' of dtype "
                                f"{b.dtype.value}; {op} needs {dt.value}")
+    if t.op == "GEMV" and p["inp"] >= 0 and p["weight"] >= 0:
+        want = DType.FP32 if p["inp_blocks"] > 0 else bufs[p["weight"]].dtype  # partials are fp32
+        if bufs[p["inp"]].dtype is not want:
+            b = bufs[p["inp"]]
+            E.add("malformed", f"{_tl(t)}: param 'inp' is '{b.name}' of dtype {b.dtype.value}; GEMV with "
+                               f"inp_blocks = {p['inp_blocks']} needs {want.value}")
     declared: dict[str, dict[int, list[tuple[int, int]]]] = {"r": {}, "w": {}}
     for rw, regions in (("r", t.reads), ("w", t.writes)):
         for r in regions:
@@ -279,7 +287,7 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
             need = 0
         if need > smem_need:
             smem_need, smem_task = need, t
-        if t.op in ("ROPE_APPEND", "ATTN_PARTIAL") and _is_int(p.get("head_dim")) \
+        if t.op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL") and _is_int(p.get("head_dim")) \
                 and p["head_dim"] > ir.MAX_HEAD_DIM:
             E.add("resource", f"{_tl(t)}: head_dim = {p['head_dim']} exceeds the VM's limit of {ir.MAX_HEAD_DIM}")
     table = ir.buffer_table_bytes(prog)

@@ -465,8 +465,8 @@ def test_amk_validate_gives_clean_errors(text: str | bytes, tmp_path_factory: py
     count("amk validate", f"exit {code}")
 
 
-def _edit_task(op: str, **params: Any) -> str:
-    doc = json.loads(json.dumps(BASES["toy1-sm4-s8"]))
+def _edit_task(op: str, base: str = "toy1-sm4-s8", **params: Any) -> str:
+    doc = json.loads(json.dumps(BASES[base]))
     next(t for t in doc["tasks"] if t["op"] == op)["params"].update(params)
     return json.dumps(doc)
 
@@ -485,8 +485,12 @@ TARGETED = {  # program JSON found to hang, exhaust memory or escape as an excep
     "infinity-shape": json.dumps(BASES["toy1-sm4-s8"]).replace('"shape": [1]', '"shape": [Infinity]', 1),
     "float-threshold": _float_threshold(),
     "4301-digits": json.dumps(BASES["toy1-sm4-s8"]).replace('"shape": [1]', '"shape": [' + "9" * 4301 + "]", 1),
-    "int32-max-heads": _edit_task("ATTN_PARTIAL", n_heads=2**31 - 1, n_kv_heads=1, kv_head=0),
-    "int32-max-blocks": _edit_task("ATTN_COMBINE", n_blocks=2**31 - 1, head_hi=2**31 - 1),
+    "int32-max-heads": _edit_task("ATTN_PARTIAL", "toy1-sm2-s8-ch2-lm128", n_heads=2**31 - 1, n_kv_heads=1,
+                                  kv_head=0),
+    "int32-max-heads-fused": _edit_task("ROPE_ATTN_PARTIAL", n_heads=2**31 - 1, n_kv_heads=1, kv_head=0),
+    "int32-max-blocks": _edit_task("ATTN_COMBINE", "toy1-sm2-s8-ch2-lm128", n_blocks=2**31 - 1,
+                                   head_hi=2**31 - 1),
+    "int32-max-blocks-fused": _edit_task("GEMV", inp_blocks=2**31 - 1, head_dim=1),
     "int32-max-rows": _edit_task("GEMV", n_hi=2**31 - 1, k=2**31 - 1),
 }
 
@@ -511,8 +515,9 @@ EXTREME = [  # (model, max_seq, knobs): inside the schema, far beyond what any r
     ("llama-3.2-1b-shape", 512, {"tiling.gemv.n_tile": 1, "tiling.lm_head.n_tile": 1}),
     ("toy", 1 << 20, {"tiling.attention.kv_block": 1}),
     ("toy-4L", 1 << 20, {"tiling.attention.kv_block": 1 << 20}),
+    # Valid since attention stages KV blocks in bounded chunks: proven, still within the limits.
     ("toy", 1 << 20, {"tiling.attention.kv_block": 1 << 20, "tiling.gemv.n_tile": 1 << 20,
-                      "tiling.lm_head.n_tile": 1 << 24, "tiling.attention.combine_heads": 8}),
+                      "tiling.lm_head.n_tile": 1 << 24, "tiling.attention.combine_heads": 8, "valid": True}),
     ("toy", 64, {"threads_per_block": 4096, "sm_count": 4096, "pipelining_depth": 16}),
     ("toy", 64, {"tiling.attention.combine_heads": 1024}),
 ]
@@ -524,6 +529,8 @@ def test_huge_schema_valid_values_are_rejected_without_building_them(model: str,
     """Lowering (and the validator) decide these within seconds and a few MB: REJECTED with a
     reason, never an out-of-memory."""
     text = f'[model]\nid = "{model}"\nmax_seq = {max_seq}\n[target]\ngpu = "h100"\n[[schedule]]\nname = "x"\n'
+    knobs = dict(knobs)
+    want = "valid" if knobs.pop("valid", False) else "rejected"
     text += "".join(f"{k} = {v}\n" for k, v in knobs.items())
     sf = parse_text(text, "extreme.toml")
     tracemalloc.start()
@@ -537,8 +544,9 @@ def test_huge_schema_valid_values_are_rejected_without_building_them(model: str,
     seconds, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert seconds < 20 and peak < 200 << 20, (seconds, peak >> 20, reason)
-    assert outcome == "rejected", reason
-    assert any(w in reason for w in ("tasks", "GiB", "SMs", "combine_heads", "shared memory")), reason
+    assert outcome == want, reason
+    words = ("tasks", "GiB", "SMs", "combine_heads", "shared memory")
+    assert want == "valid" or any(w in reason for w in words), reason
 
 
 def test_task_count_is_exact() -> None:
@@ -596,6 +604,7 @@ def test_collection_of_adversarial_files(pytester: pytest.Pytester, monkeypatch:
     for name in bad:
         assert f"ERROR schedules/{name}::malformed - " in out and f"\nschedules/{name}: " in out, name
     assert "schedules/newline-key.toml: schedule[0].a\\nb: unknown key" in out
-    assert f"REJECTED schedules/huge.toml::default - the program would have 2106505 tasks; at most {MAX_TASKS}" in out
+    n = task_count(PRESETS["llama-3.2-1b-shape"], default_knobs(), 132, 1048576)
+    assert f"REJECTED schedules/huge.toml::default - the program would have {n} tasks; at most {MAX_TASKS}" in out
     assert re.search(r"PASSED .*schedules/good\.toml::default", out)
     assert outcomes.get("passed") == 1 + 2 and outcomes.get("rejected") == 2, outcomes

@@ -61,14 +61,26 @@ LATE_BUG = """
 from pytest_amk import refvm
 
 _orig = refvm.OPS_IMPL["ROPE_APPEND"]
+_orig_fused = refvm.OPS_IMPL["ROPE_ATTN_PARTIAL"]
 
 
-def rope_append_late_bug(bufs, p):
-    _orig(bufs, p)
+def _scale_v(bufs, p):
     pos = int(bufs[p["pos"]][0])
     if pos >= 4:
         d, g, ms = p["head_dim"], p["kv_head"], p["max_seq"]
         bufs[p["v_cache"]][(g * ms + pos) * d:(g * ms + pos + 1) * d] *= -3.0
+
+
+def rope_append_late_bug(bufs, p):
+    _orig(bufs, p)
+    _scale_v(bufs, p)
+
+
+def rope_attn_late_bug(bufs, p):  # the fused op: only the task whose block holds pos appends
+    _orig_fused(bufs, p)
+    pos, kb = int(bufs[p["pos"]][0]), p["kv_block"]
+    if p["blk"] * kb <= pos < (p["blk"] + 1) * kb:
+        _scale_v(bufs, p)
 """
 
 
@@ -76,6 +88,7 @@ def late_bug(monkeypatch: pytest.MonkeyPatch) -> None:
     ns: dict[str, Any] = {}
     exec(LATE_BUG, ns)
     monkeypatch.setitem(refvm.OPS_IMPL, "ROPE_APPEND", ns["rope_append_late_bug"])
+    monkeypatch.setitem(refvm.OPS_IMPL, "ROPE_ATTN_PARTIAL", ns["rope_attn_late_bug"])
 
 
 def toy_program(model: str = "toy", dtype: str = "fp32", max_seq: int = 48) -> tuple[Any, Any]:
@@ -251,11 +264,13 @@ def test_schedule_item_with_expect_tokens(amk: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["tokens *ok *16 greedy tokens equal eager's (prompt ?1?, reference VM)"])
 
     # The same file with a reference-VM bug past position 4 (the conftest patches it at import).
-    amk.makeconftest(LATE_BUG + '\nrefvm.OPS_IMPL["ROPE_APPEND"] = rope_append_late_bug\n')
+    amk.makeconftest(LATE_BUG + '\nrefvm.OPS_IMPL["ROPE_APPEND"] = rope_append_late_bug\n'
+                   + 'refvm.OPS_IMPL["ROPE_ATTN_PARTIAL"] = rope_attn_late_bug\n')
     try:
         result = amk.runpytest(*args)
     finally:
         refvm.OPS_IMPL["ROPE_APPEND"] = refvm.op_rope_append
+        refvm.OPS_IMPL["ROPE_ATTN_PARTIAL"] = refvm.op_rope_attn_partial
     assert result.ret == 1
     assert result.parseoutcomes() == {"failed": 1}
     result.stdout.fnmatch_lines([

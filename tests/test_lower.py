@@ -27,7 +27,10 @@ def lower_small(**overrides: object) -> Program:
     return lower(config_for("toy-4L"), TARGETS["h100"], knobs, "bf16", 512)
 
 
-FUSION_VARIANTS = [[], [["rmsnorm", "gemv"]], [["gemv", "residual_add"]], [["gemv", "silu_mul"]]]
+FUSION_VARIANTS = [[], [["rmsnorm", "gemv"]], [["gemv", "residual_add"]], [["gemv", "silu_mul"]],
+                   [["rope_append", "attn_partial"]], [["attn_combine", "gemv"]]]
+# Knobs that shape a stage only some fusions keep: checked where that stage exists.
+WHERE = {"tiling.attention.combine_heads": {"fusion": [["rmsnorm", "gemv"]]}}
 
 
 @pytest.mark.parametrize("name", sorted(KNOBS))
@@ -35,10 +38,11 @@ def test_every_knob_value_changes_the_program(name: str) -> None:
     knob = KNOBS[name]
     values = FUSION_VARIANTS if name == "fusion" else [v for v in knob.choices if v != knob.default]
     assert values, f"knob {name} has no alternative value to search"
-    base = program_hash(lower_small())
+    where = WHERE.get(name, {})
+    base = program_hash(lower_small(**where))
     seen = {base}
     for value in values:
-        h = program_hash(lower_small(**{name: value}))
+        h = program_hash(lower_small(**(where | {name: value})))
         assert h not in seen, f"{name} = {value!r} emits the same program as another value"
         seen.add(h)
 
@@ -60,7 +64,8 @@ def test_runtime_inputs_not_constants() -> None:
     assert kinds["token"] == kinds["pos"] == kinds["seq_len"] == "input"
     # No task param carries a position or token value: only buffer ids of the inputs.
     ids = {p.buffer(n).id for n in ("token", "pos", "seq_len")}
-    assert any(t.params.get("pos") in ids for t in p.tasks if t.op == "ROPE_APPEND")
+    assert any(t.params.get("pos") in ids for t in p.tasks if t.op in ("ROPE_APPEND", "ROPE_ATTN_PARTIAL"))
+    assert any(t.params.get("pos") in ids for t in lower_small(fusion=[]).tasks if t.op == "ROPE_APPEND")
 
 
 def test_too_many_sms_is_a_lowering_error() -> None:

@@ -64,7 +64,7 @@ class Builder:
         if residual >= 0:
             reads.append(Region(residual, n_lo, n_hi))
         params = dict(inp=inp, weight=weight, out=out, n_lo=n_lo, n_hi=n_hi, k=k, norm_weight=-1, eps=1e-5,
-                      residual=residual, act=0, up_row=0)
+                      residual=residual, act=0, up_row=0, inp_blocks=0, head_dim=0)
         return self.task("GEMV", sm, params, reads, [Region(out, n_lo, n_hi)], waits, signal)
 
     def program(self) -> Program:

@@ -128,7 +128,7 @@ def test_checks_catch_out_of_bounds_and_dtypes() -> None:
     assert any("the VM reads bf16" in e for e in check_program(bad))
 
     bad = copy.deepcopy(prog)
-    attn = next(t for t in bad.tasks if t.op == "ATTN_PARTIAL")
+    attn = next(t for t in bad.tasks if t.op in ("ATTN_PARTIAL", "ROPE_ATTN_PARTIAL"))
     attn.params["head_dim"] = 512
     assert any("head_dim" in e for e in check_program(bad))
 

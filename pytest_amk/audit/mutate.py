@@ -124,8 +124,9 @@ def _retile(p: Program, t: Task, lo: int, hi: int) -> Task:
     elif t.op == "EMBED":
         reads = [r for r in t.reads]
     else:  # GEMV
-        k = q["k"]
-        reads = [Region(q["inp"], 0, k), Region(q["weight"], lo * k, hi * k)]
+        k, blocks = q["k"], q.get("inp_blocks", 0)
+        x_len = k // q["head_dim"] * blocks * (q["head_dim"] + 2) if blocks else k  # partials: combine fused
+        reads = [Region(q["inp"], 0, x_len), Region(q["weight"], lo * k, hi * k)]
         if q.get("act"):
             reads.append(Region(q["weight"], (q["up_row"] + lo) * k, (q["up_row"] + hi) * k))
         if q.get("norm_weight", -1) >= 0:

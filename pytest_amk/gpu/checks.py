@@ -24,6 +24,8 @@ PARAM_DTYPES: dict[str, dict[str, str]] = {
     "ROPE_APPEND": {"qkv": M, "rope": F32, "pos": I32, "q_out": M, "k_cache": M, "v_cache": M},
     "ATTN_PARTIAL": {"q": M, "k_cache": M, "v_cache": M, "seq_len": I32, "partial": F32},
     "ATTN_COMBINE": {"partial": F32, "out": M},
+    "ROPE_ATTN_PARTIAL": {"qkv": M, "rope": F32, "pos": I32, "k_cache": M, "v_cache": M, "seq_len": I32,
+                          "partial": F32},
     "ADD": {"a": M, "b": M, "out": M},
     "SILU_MUL": {"inp": M, "out": M},
     "LM_HEAD": {"inp": M, "weight": M, "out": F32, "norm_weight": M, "amax": F32},
@@ -48,7 +50,7 @@ def _extents(op: str, p: dict[str, Any]) -> tuple[list[tuple[str, int, int]], li
         errs.append(f"n={p['n']} must be >= 1 and >= hi={p['hi']}")
     elif op in ("GEMV", "LM_HEAD") and p["k"] < 1:
         errs.append(f"k={p['k']} must be >= 1")
-    elif op in ("ROPE_APPEND", "ATTN_PARTIAL") and not 2 <= p["head_dim"] <= MAX_HEAD_DIM:
+    elif op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL") and not 2 <= p["head_dim"] <= MAX_HEAD_DIM:
         errs.append(f"head_dim={p['head_dim']} outside [2, {MAX_HEAD_DIM}] (AMK_MAX_HEAD_DIM of the VM)")
     elif op == "ATTN_COMBINE" and (p["n_blocks"] < 1 or p["head_dim"] < 1):
         errs.append(f"n_blocks={p['n_blocks']} and head_dim={p['head_dim']} must be >= 1")
@@ -105,6 +107,8 @@ def check_program(program: ir.Program) -> list[str]:
                 errors.append(f"{where}: {name}={bid} is not a buffer")
                 continue
             want = dtype if PARAM_DTYPES[t.op][name] == M else PARAM_DTYPES[t.op][name]
+            if t.op == "GEMV" and name == "inp" and p["inp_blocks"] > 0:
+                want = F32  # attention partials, combined while staging the input
             if buf.dtype.value != want:
                 errors.append(f"{where}: {name} is buffer {buf.name!r} of {buf.dtype.value}, the VM reads {want}")
         if any(e.startswith(where) for e in errors):
@@ -123,5 +127,6 @@ def input_limits(program: ir.Program) -> tuple[int | None, int | None]:
     """(vocab, max_seq) the runtime inputs must respect: token < vocab, pos < max_seq."""
     bufs = {b.id: b for b in program.buffers}
     vocab = [bufs[t.params["table"]].numel // max(1, t.params["hidden"]) for t in program.tasks if t.op == "EMBED"]
-    seqs = [t.params["max_seq"] for t in program.tasks if t.op in ("ROPE_APPEND", "ATTN_PARTIAL")]
+    seqs = [t.params["max_seq"] for t in program.tasks
+            if t.op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL")]
     return (min(vocab) if vocab else None, min(seqs) if seqs else None)
