@@ -466,7 +466,9 @@ def task_smem_bytes(program: Program, task: Task) -> int:
     """
     p = task.params
     if task.op in ("GEMV", "LM_HEAD"):
-        return 4 * int(p["k"])
+        blocks = int(p.get("inp_blocks", 0))
+        heads = int(p["k"]) // max(1, int(p.get("head_dim", 0))) if blocks > 0 else 0
+        return 4 * int(p["k"]) + 4 * (2 * heads * blocks + heads)  # + combine scratch (GEMV of partials)
     if task.op in ("ATTN_PARTIAL", "ROPE_ATTN_PARTIAL"):
         esize = DType(str(program.meta.get("dtype", "bf16"))).nbytes
         rep = int(p["n_heads"]) // max(1, int(p["n_kv_heads"]))

@@ -93,7 +93,7 @@ def test_search_space_describes_every_knob() -> None:
             lo, hi = knob["range"]
             assert all(lo <= c <= hi for c in knob["choices"])
             assert lo <= knob["default"] <= hi
-    assert [list(f) for f in FUSIONS] == space["fusion"]["default"]
+    assert [list(f) for f in FUSIONS if f != ("attn_combine", "gemv")] == space["fusion"]["default"]
 
 
 # Every malformed case: (text, the key the error must name, a word of the reason).

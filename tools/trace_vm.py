@@ -82,7 +82,7 @@ def analyse(prog: Any, order: list[Any], tr: Any, bw_gbps: float) -> dict[str, A
         a["run_mean"].append(float(np.mean(s["run"])))
         a["run_max"].append(float(np.max(s["run"])))
         a["bytes"].append(s["bytes"])
-        a["floor"].append(s["bytes"] / bw_gbps / 1e3)
+        a["floor"].append(s["bytes"] / bw_gbps)  # ns
         a["tasks"].append(len(s["run"]))
         prev_end = max(s["end"])
     total = ns[:, 2].max() - t0
@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--pos", type=int, default=15, help="position of the traced step (context = pos + 1)")
     ap.add_argument("--knobs", default="threads_per_block=512,pipelining_depth=8")
     ap.add_argument("--variants", default="", help="name:k=v,k=v;name2:... (added to --knobs), each traced")
+    ap.add_argument("--build", default="", help="BuildConfig overrides for every variant, e.g. prefetch_late=0")
     ap.add_argument("--prefetch", type=int, default=None, help="L2 prefetch bytes per range (default: runner's)")
     args = ap.parse_args()
 
@@ -122,11 +123,18 @@ def main() -> int:
     weights = None
     results = {}
     for name, kn in variants:
-        prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **(base | kn))
+        lower_kn = {k: v for k, v in (base | kn).items() if not k.startswith("build_") and k != "prefetch_bytes"}
+        prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **lower_kn)
         if weights is None:
             weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
         bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
-        extra = {} if args.prefetch is None else {"prefetch_bytes": args.prefetch}
+        pf = kn.pop("prefetch_bytes", args.prefetch)
+        extra: dict[str, Any] = {} if pf is None else {"prefetch_bytes": int(pf)}
+        bld = {k: bool(v) if k in ("prefetch_late",) else v for k, v in parse_knobs(args.build).items()}
+        bld |= {k[len("build_"):]: bool(v) for k, v in kn.items() if k.startswith("build_")}
+        kn = {k: v for k, v in kn.items() if not k.startswith("build_")}
+        if bld:
+            extra["build"] = bld
         plain = gpu.GpuRunner(prog, bufs, validate=False, **extra)
         timing = plain.time_step(1, args.pos, warmup=5, iters=20)
         runner = gpu.GpuRunner(prog, bufs, validate=False, trace=True, **extra)

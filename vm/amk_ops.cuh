@@ -126,13 +126,42 @@ __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_i
                             int head_dim, float* x) {
     if (inp_blocks > 0) {
         // The input is fp32 attention partials: combine while staging (no combine stage, no
-        // sync level). Each thread later normalises only the elements it wrote here.
+        // sync level), as ATTN_COMBINE does. Three passes keep the global loads parallel:
+        // every (head, block)'s (m, l) at once; per head the block weights exp(m_b - M) and
+        // the denominator; then each o_b[d] of the live blocks. Each thread later normalises
+        // only the elements it wrote here.
         const float* part = reinterpret_cast<const float*>(inp);
-        const int stride = head_dim + 2;
+        const int stride = head_dim + 2, nb = inp_blocks, heads = k / head_dim;
+        float* wb = x + k;            // [heads][nb]: m_b, then exp(m_b - M)
+        float* lb = wb + heads * nb;  // [heads][nb]: l_b
+        float* den = lb + heads * nb; // [heads]
+        for (int i = threadIdx.x; i < heads * nb; i += AMK_THREADS) {
+            wb[i] = part[(size_t)i * stride];
+            lb[i] = part[(size_t)i * stride + 1];
+        }
+        __syncthreads();
+        for (int h = threadIdx.x; h < heads; h += AMK_THREADS) {
+            float M = neg_inf(), dn = 0.0f;
+            for (int b = 0; b < nb; ++b)
+                if (lb[h * nb + b] > 0.0f) M = fmaxf(M, wb[h * nb + b]);
+            for (int b = 0; b < nb; ++b) {
+                const float l = lb[h * nb + b];
+                const float e = l > 0.0f ? expf(wb[h * nb + b] - M) : 0.0f;
+                if (l > 0.0f) dn = fmaf(e, l, dn);
+                wb[h * nb + b] = e;
+            }
+            den[h] = dn;
+        }
+        __syncthreads();
         float ss = 0.0f;
         for (int j = threadIdx.x; j < k; j += AMK_THREADS) {
             const int h = j / head_dim, d = j - h * head_dim;
-            const float v = rnd(combine_elem(part + (size_t)h * inp_blocks * stride, inp_blocks, stride, d));
+            const float* o = part + (size_t)h * nb * stride + 2 + d;
+            float num = 0.0f;
+#pragma unroll 4
+            for (int b = 0; b < nb; ++b)
+                if (lb[h * nb + b] > 0.0f) num = fmaf(wb[h * nb + b], o[(size_t)b * stride], num);
+            const float v = rnd(den[h] > 0.0f ? num / den[h] : 0.0f);
             x[j] = v;
             ss = fmaf(v, v, ss);
         }
@@ -208,11 +237,25 @@ struct RowPair {
     int nr;
 };
 
+// Issue the P 16-byte loads of rows at vector index v (skipped for a missing second row).
+__device__ __forceinline__ void issue_chunk(uint4 (&q)[2][AMK_P], const RowPair& rp, int v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < AMK_P; ++p)
+            q[r][p] = (r < rp.nr) ? ld_weight16(rp.w[r] + v + 32 * p) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ void consume_chunk(float (&acc)[2][AMK_P], const uint4 (&q)[2][AMK_P], const float* x,
+                                              int v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < AMK_P; ++p) acc[r][p] = vdot(q[r][p], x + (v + 32 * p) * AMK_VEC, acc[r][p]);
+}
+
 // y[r] = sum_j w_r[j] * x[j] for the rows of ``rp`` (one warp, fp32): P independent
-// 16-byte loads per lane and row slot in flight, P accumulator chains per slot. A lone
-// row streams as two halves through both slots (twice the loads in flight: the down
-// projection has one row per warp and a long k). Every chunk is one batch of loads,
-// the last one predicated, so a short row never degrades to one load per round trip.
+// 16-byte loads per lane and row in flight, P accumulator chains per row.
 __device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (&wr)[2], const float* x, int k,
                                          bool vec, float (&y)[2]) {
     constexpr int P = AMK_P;
@@ -222,32 +265,21 @@ __device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (
     for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int p = 0; p < P; ++p) acc[r][p] = 0.0f;
-    bool split = false;
     if (vec) {
         const int nv = k / AMK_VEC;
-        split = rp.nr == 1 && (nv & 1) == 0 && nv >= 64;
-        const int nr = split ? 2 : rp.nr, len = split ? nv / 2 : nv;
-        const uint4* w0 = rp.w[0];
-        const uint4* w1 = split ? rp.w[0] + len : rp.w[1];
-        const float* x1 = split ? x + (size_t)len * AMK_VEC : x;
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        int v = lane;
         // The P unroll is the ILP; unrolling this loop further only costs registers.
 #pragma unroll 1
-        for (int v = lane; v < len; v += 32 * P) {
+        for (; v + 32 * (P - 1) < nv; v += 32 * P) {
             uint4 q[2][P];
+            issue_chunk(q, rp, v);
+            consume_chunk(acc, q, x, v);
+        }
+#pragma unroll 1
+        for (; v < nv; v += 32) {
 #pragma unroll
-            for (int p = 0; p < P; ++p) {
-                const bool ok = v + 32 * p < len;
-                q[0][p] = ok ? ld_weight16(w0 + v + 32 * p) : zero;
-                q[1][p] = (ok && nr == 2) ? ld_weight16(w1 + v + 32 * p) : zero;
-            }
-#pragma unroll
-            for (int p = 0; p < P; ++p) {
-                if (v + 32 * p < len) {
-                    acc[0][p] = vdot(q[0][p], x + (v + 32 * p) * AMK_VEC, acc[0][p]);
-                    if (nr == 2) acc[1][p] = vdot(q[1][p], x1 + (v + 32 * p) * AMK_VEC, acc[1][p]);
-                }
-            }
+            for (int r = 0; r < 2; ++r)
+                if (r < rp.nr) acc[r][0] = vdot(ld_weight16(rp.w[r] + v), x + v * AMK_VEC, acc[r][0]);
         }
     } else {
 #pragma unroll 1
@@ -257,17 +289,12 @@ __device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (
                 if (r < rp.nr) acc[r][0] = fmaf(ld_weight1(wr[r] + j), x[j], acc[r][0]);
         }
     }
-    float s[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+    for (int r = 0; r < 2; ++r) {
+        float s = 0.0f;
 #pragma unroll
-        for (int p = 0; p < P; ++p) s[r] += acc[r][p];
-    if (split) {
-        y[0] = warp_sum(s[0] + s[1]);
-        y[1] = 0.0f;
-    } else {
-        y[0] = warp_sum(s[0]);
-        y[1] = warp_sum(s[1]);
+        for (int p = 0; p < P; ++p) s += acc[r][p];
+        y[r] = warp_sum(s);
     }
 }
 

@@ -109,6 +109,9 @@ __device__ __forceinline__ void prefetch_weights(const longlong2* pf, int lane) 
 }
 
 #define AMK_PF_WARP (AMK_WARPS > 1 ? 1 : 0)
+#ifndef AMK_PF_LATE
+#define AMK_PF_LATE 1  // prefetch the next instruction's weights after this op (0: before its wait)
+#endif
 
 extern "C" __global__ void __launch_bounds__(AMK_THREADS, 1)
 amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, const int* __restrict__ queue_len,
@@ -148,10 +151,12 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         const bool last = i + 1 == n;  // the step's last instruction: the next one is q0 again
         const bool has_next = !last || s + 1 < steps;
         const int ngi = last ? q0 : gi + 1;
-        // Fetch the next instruction and start its weights' prefetch while this one waits.
+        // Fetch the next instruction while this one waits.
         int next_word = 0;
         if (has_next && tid < AMK_INSTR_WORDS) next_word = __ldg(instrs + (size_t)ngi * AMK_INSTR_WORDS + tid);
+#if !AMK_PF_LATE
         if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
+#endif
         AMK_TRACE_POINT(gi, 0);
         if (tid == 0) {
             // Step barrier: step s - 1's ARGMAX (after every task of that step) has signalled.
@@ -193,6 +198,12 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         }
         __syncthreads();
         AMK_TRACE_POINT(gi, 2);
+#if AMK_PF_LATE
+        // Start the next instruction's weights into L2 now that this op is done: they stream
+        // while this block waits for its dependencies, when HBM would otherwise idle (issued
+        // earlier, a long op's own stream evicts them again).
+        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
+#endif
         if (tid == 0 && sig >= 0) {
             // Release: every thread's writes (ordered before this by the barrier) are visible
             // to whoever acquires the new counter value. One instruction, no return value.

@@ -58,6 +58,9 @@ _BASES: tuple[tuple[str, str, int, int, int, dict[str, object]], ...] = (
     ("toy-sm6-s8-bal-nofuse", "toy", 0, 6, 8, {"sm_assignment": "balanced", "fusion": []}),
     ("toy4L-sm4-s16", "toy-4L", 0, 4, 16, {"tiling.gemv.n_tile": 256}),
     ("toy4L1-sm4-s32-kv16", "toy-4L", 1, 4, 32, {"tiling.attention.kv_block": 16, "fusion": []}),
+    ("toy1-sm4-s16-kv8-allfuse", "toy", 1, 4, 16,  # RoPE in attention, the combine in the O projection
+     {"tiling.attention.kv_block": 8, "fusion": ALL_FUSIONS + [["rope_append", "attn_partial"],
+                                                              ["attn_combine", "gemv"]]}),
 )
 BASE_NAMES = tuple(b[0] for b in _BASES)
 

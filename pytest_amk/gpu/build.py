@@ -74,6 +74,7 @@ class BuildConfig:
     pipe: int = 2
     arch: str = "sm_90"
     trace: bool = False  # per-instruction timing trace (vm/amk_trace.cuh); tools/trace_vm.py only
+    prefetch_late: bool = True  # L2 prefetch of the next instruction after this op (False: before the wait)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -94,7 +95,7 @@ class BuildConfig:
     def defines(self) -> list[str]:
         return [f"-DAMK_DTYPE={DTYPE_CODES[self.dtype]}", f"-DAMK_THREADS={self.threads}",
                 f"-DAMK_PIPE={self.pipe}", f"-DAMK_PIPE_CAP={ir.max_pipelining_depth(self.threads, self.dtype)}",
-                f"-DAMK_TRACE={int(self.trace)}"]
+                f"-DAMK_TRACE={int(self.trace)}", f"-DAMK_PF_LATE={int(self.prefetch_late)}"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ def build_cubin(cfg: BuildConfig, *, nvcc: str | None = None, cache: Path | None
     key = build_key(cfg, nvcc, vm)
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    stem = f"amk_vm-{cfg.arch}-{cfg.dtype}-t{cfg.threads}-p{cfg.pipe}{'-trace' if cfg.trace else ''}-{key}"
+    tags = ("-trace" if cfg.trace else "") + ("" if cfg.prefetch_late else "-pfearly")
+    stem = f"amk_vm-{cfg.arch}-{cfg.dtype}-t{cfg.threads}-p{cfg.pipe}{tags}-{key}"
     cubin, logf = cache / f"{stem}.cubin", cache / f"{stem}.log"
     if not force and cubin.is_file() and logf.is_file():
         log = logf.read_text()

@@ -177,7 +177,7 @@ class GpuRunner:
 
     def __init__(self, program: ir.Program, tensors: dict[int, Any], *, validate: bool = True,
                  watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
-                 arch: str | None = None, trace: bool = False) -> None:
+                 arch: str | None = None, trace: bool = False, build: dict[str, Any] | None = None) -> None:
         import dataclasses
 
         import numpy as np
@@ -193,7 +193,9 @@ class GpuRunner:
         if validate:
             self._validate()
         self.dev = device_info()
-        self.config = dataclasses.replace(BuildConfig.for_program(program, arch or self.dev.arch), trace=trace)
+        # build: BuildConfig overrides for A/B measurements (e.g. {"prefetch_late": False})
+        self.config = dataclasses.replace(BuildConfig.for_program(program, arch or self.dev.arch), trace=trace,
+                                          **(build or {}))
         self.kernel = load_kernel(self.config)
         device = torch.device("cuda", self.dev.index)
 
