@@ -504,15 +504,18 @@ def program_smem_bytes(program: Program) -> int:
 # Registers: a resident block of T threads gets 65536 / T registers per thread (at most
 # 255); the VM needs about VM_BASE_REGS of them, and each 16-byte load in flight in
 # GEMV holds 8 (two rows of 4 words). ptxas confirms every build within this cap is
-# spill free (tests/test_vm_compile.py); the VM static_asserts the same cap.
-VM_BASE_REGS = 56
+# spill free (tests/test_vm_compile.py); the VM static_asserts the same cap. fp32 needs
+# more for its wider staged vectors. (88/96 since GEMV splits a lone row over both slots.)
+VM_BASE_REGS = 88
+VM_BASE_REGS_FP32 = 96
 
 
 def max_pipelining_depth(threads: int, dtype: str) -> int:
     """The most 16-byte weight loads in flight per lane the VM can hold in registers."""
-    budget = min(255, 65536 // max(1, threads))
-    most = 5 if dtype == "fp32" else 8  # fp32 vectors need more registers for x
-    return max(1, min((budget - VM_BASE_REGS) // 8, most))
+    # ptxas sizes a one-block-per-SM register budget by the block rounded up to 128 threads.
+    budget = min(255, 65536 // (-(-max(1, threads) // 128) * 128))
+    base, most = (VM_BASE_REGS_FP32, 5) if dtype == "fp32" else (VM_BASE_REGS, 8)
+    return max(1, min((budget - base) // 8, most))
 
 
 # -- footprints (what each opcode reads and writes; used by the validator) -------------

@@ -215,15 +215,17 @@ __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_i
 
 // Loads in flight per lane and row: AMK_PIPE, capped so the load buffer (2 rows x P x
 // 4 registers) fits the per-thread register budget of one resident block (65536 /
-// AMK_THREADS, about 56 of which the rest of the VM needs). Measured with ptxas, the
-// caps keep every build (each dtype; sm_80, sm_90, sm_120) spill-free: P is at most
-// 1 at 1024 threads, 9 at 512, 8 at 256 or fewer (fp32: 5).
-#define AMK_REG_BUDGET (65536 / AMK_THREADS > 255 ? 255 : 65536 / AMK_THREADS)
+// AMK_THREADS, about 88 of which the rest of the VM needs, 96 in fp32). Measured with
+// ptxas, the caps keep every build spill-free: P is at most 1 at 1024 threads, 5 at 512
+// (fp32: 4), 8 at 256 or fewer (fp32: 5).
+// ptxas sizes the budget by the block rounded up to 128 threads (448 threads get 128 registers).
+#define AMK_REG_ROUNDED ((AMK_THREADS + 127) / 128 * 128)
+#define AMK_REG_BUDGET (65536 / AMK_REG_ROUNDED > 255 ? 255 : 65536 / AMK_REG_ROUNDED)
 struct AmkPipe {
-    static constexpr int fit = (AMK_REG_BUDGET - 56) / 8;
+    static constexpr int fit = (AMK_REG_BUDGET - (AMK_DTYPE == 0 ? 96 : 88)) / 8;  // ir.VM_BASE_REGS(_FP32)
     static constexpr int most = AMK_DTYPE == 0 ? 5 : 8;  // fp32 vectors need more registers for x
-    static constexpr int cap = fit < most ? fit : most;
-    static constexpr int value = AMK_PIPE < cap ? AMK_PIPE : (cap < 1 ? 1 : cap);
+    static constexpr int cap = fit < 1 ? 1 : (fit < most ? fit : most);  // at least one load in flight
+    static constexpr int value = AMK_PIPE < cap ? AMK_PIPE : cap;
 };
 #define AMK_P (AmkPipe::value)
 #ifdef AMK_PIPE_CAP  // passed by the builder from ir.max_pipelining_depth: the two must agree
@@ -246,17 +248,19 @@ __device__ __forceinline__ void issue_chunk(uint4 (&q)[2][AMK_P], const RowPair&
             q[r][p] = (r < rp.nr) ? ld_weight16(rp.w[r] + v + 32 * p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
+// x1: offset of the second slot's input in x (0, or k/2 when a lone row is split).
 __device__ __forceinline__ void consume_chunk(float (&acc)[2][AMK_P], const uint4 (&q)[2][AMK_P], const float* x,
-                                              int v) {
+                                              int x1, int v) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int p = 0; p < AMK_P; ++p) acc[r][p] = vdot(q[r][p], x + (v + 32 * p) * AMK_VEC, acc[r][p]);
+    for (int p = 0; p < AMK_P; ++p) {
+        acc[0][p] = vdot(q[0][p], x + (v + 32 * p) * AMK_VEC, acc[0][p]);
+        acc[1][p] = vdot(q[1][p], x + x1 + (v + 32 * p) * AMK_VEC, acc[1][p]);
+    }
 }
 
 // y[r] = sum_j w_r[j] * x[j] for the rows of ``rp`` (one warp, fp32): P independent
 // 16-byte loads per lane and row in flight, P accumulator chains per row.
-__device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (&wr)[2], const float* x, int k,
+__device__ __forceinline__ void dot_rows(RowPair rp, const amk_t* const (&wr)[2], const float* x, int k,
                                          bool vec, float (&y)[2]) {
     constexpr int P = AMK_P;
     const int lane = threadIdx.x & 31;
@@ -265,15 +269,28 @@ __device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (
     for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int p = 0; p < P; ++p) acc[r][p] = 0.0f;
+    bool split = false;
     if (vec) {
-        const int nv = k / AMK_VEC;
+        int nv = k / AMK_VEC;
         int v = lane;
+        // A lone row with whole chunks in each half streams its halves through both slots:
+        // twice the loads in flight (the down projection has one row of k = 8192 per warp).
+        int x1 = 0;
+#if AMK_THREADS < 1024  // the 1024-thread build (64 registers) has no room for it
+        if (rp.nr == 1 && nv % (64 * P) == 0) {
+            split = true;
+            nv /= 2;
+            rp.w[1] = rp.w[0] + nv;
+            rp.nr = 2;
+            x1 = nv * AMK_VEC;
+        }
+#endif
         // The P unroll is the ILP; unrolling this loop further only costs registers.
 #pragma unroll 1
         for (; v + 32 * (P - 1) < nv; v += 32 * P) {
             uint4 q[2][P];
             issue_chunk(q, rp, v);
-            consume_chunk(acc, q, x, v);
+            consume_chunk(acc, q, x, x1, v);
         }
 #pragma unroll 1
         for (; v < nv; v += 32) {
@@ -289,12 +306,17 @@ __device__ __forceinline__ void dot_rows(const RowPair& rp, const amk_t* const (
                 if (r < rp.nr) acc[r][0] = fmaf(ld_weight1(wr[r] + j), x[j], acc[r][0]);
         }
     }
+    float s[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float s = 0.0f;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int p = 0; p < P; ++p) s += acc[r][p];
-        y[r] = warp_sum(s);
+        for (int p = 0; p < P; ++p) s[r] += acc[r][p];
+    if (split) {
+        y[0] = warp_sum(s[0] + s[1]);
+        y[1] = 0.0f;
+    } else {
+        y[0] = warp_sum(s[0]);
+        y[1] = warp_sum(s[1]);
     }
 }
 
