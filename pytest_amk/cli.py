@@ -1,4 +1,4 @@
-"""The ``amk`` command: doctor, propose, eval, validate, lower, loop, validator-audit, generate, bench.
+"""The ``amk`` command: doctor, propose, eval, validate, lower, loop, search-merge, validator-audit, generate, bench.
 
 Exit codes: 0 success (eval: PASS or expected REJECTED; validate: proven safe),
 1 a negative result (eval: FAIL or REJECTED; validate: unsafe; lower: REJECTED; loop: no valid schedule;
@@ -323,6 +323,18 @@ def cmd_loop(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_search_merge(args: argparse.Namespace) -> int:
+    from pytest_amk.search_merge import describe, merge
+
+    try:
+        report = merge(args.out_dir, args.in_dirs)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    for line in describe(report):
+        print(line)
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -393,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluator processes: one per visible GPU, capped at the GPU count (CPU processes "
                          "without GPUs); default 1 (in-process)")
     lp.set_defaults(func=cmd_loop)
+
+    sm = sub.add_parser("search-merge", help="gather the search directories of several shards into one "
+                                             "(each experiment's trial once, in order)")
+    sm.add_argument("out_dir", metavar="OUT_DIR", help="search directory to merge into (made if missing)")
+    sm.add_argument("in_dirs", nargs="+", metavar="IN_DIR", help="search directories to read, first wins")
+    sm.set_defaults(func=cmd_search_merge)
 
     va = sub.add_parser("validator-audit", help="measure the validator's false accepts and false rejects")
     va.add_argument("--programs", type=_steps, default=1000, metavar="N", help="corpus size (default 1000)")

@@ -17,6 +17,13 @@ is not shown, nor with ``-q``). The results travel on the item's report (attribu
 ``amk_search``, JSON) to the controller, which writes a trajectory chart per loop, the
 trials as a JUnit suite (``search-junit.xml``) and the summary table.
 
+Nothing assumes one host: the controller tells each xdist worker its hostname, search
+directory and log rows (``workerinput["amk_search"]``). A worker on the same host with the
+same directory appends to the logs itself, as above; any other (``AMK_SEARCH_REMOTE=1``
+forces it) runs its loops in a private staging directory seeded with those rows and sends
+the new rows on the report, which the controller alone appends (``search_merge``), each
+(experiment, trial) once.
+
 Registered as a plugin (``SearchPlugin``) only when the budget is above 0; nothing
 heavy is imported until an item runs.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +68,9 @@ class SearchSettings:
 SETTINGS = pytest.StashKey[SearchSettings]()
 START = pytest.StashKey["tuple[ParsedFile, Schedule | None]"]()
 LOOP = pytest.StashKey["LoopResult"]()
+SENT = pytest.StashKey["dict[str, list[dict[str, Any]]]"]()  # a remote worker's new log rows
+WORKERINPUT_KEY = "amk_search"
+REMOTE_ENV = "AMK_SEARCH_REMOTE"
 
 
 # -- options --------------------------------------------------------------------------
@@ -144,6 +155,8 @@ class SearchRegistry:
         self.config = config
         self.settings = settings
         self.results: dict[str, LoopResult] = {}
+        self.sent: dict[str, dict[str, list[dict[str, Any]]]] = {}  # key -> new rows (remote workers)
+        self._staging: Path | None = None
 
     def run(self, sf: ParsedFile, start: Schedule) -> LoopResult:
         from pytest_amk.search import run_loop
@@ -152,10 +165,42 @@ class SearchRegistry:
         if key not in self.results:
             state = self.config.stash[AMK_STATE]
             s = self.settings
-            self.results[key] = run_loop(sf, start, s.budget, s.directory, device=state.device, steps=state.steps,
-                                         write=s.write, seed=s.seed, progress=progress_writer(self.config),
-                                         workers=s.workers)
+            staging = self.staging()
+            result = run_loop(sf, start, s.budget, staging or s.directory, device=state.device, steps=state.steps,
+                              write=s.write, seed=s.seed, progress=progress_writer(self.config), workers=s.workers)
+            if staging is not None:
+                from pytest_amk.search_merge import new_rows
+
+                self.sent[key] = new_rows(staging, result.experiment, len(result.trials) - result.new_trials)
+            self.results[key] = result
         return self.results[key]
+
+    def rows_to_send(self, sf: ParsedFile, start: Schedule) -> dict[str, list[dict[str, Any]]] | None:
+        return self.sent.get(f"{sf.path}::{start.name}")
+
+    def staging(self) -> Path | None:
+        """A remote worker's private search directory (made and seeded once), or None where
+        this process writes the search directory itself."""
+        info = getattr(self.config, "workerinput", {}).get(WORKERINPUT_KEY)
+        if info is None or not is_remote(info, self.settings.directory):
+            return None
+        if self._staging is None:
+            import shutil
+            import tempfile
+
+            from pytest_amk.search_merge import seed_staging
+
+            staging = self._staging = Path(tempfile.mkdtemp(prefix="amk-search-stage-"))
+            seed_staging(staging, info["results"], info["calibration"])
+            self.config.add_cleanup(lambda: shutil.rmtree(staging, ignore_errors=True))
+        return self._staging
+
+
+def is_remote(info: dict[str, Any], directory: Path) -> bool:
+    """Whether a worker must not write the controller's search directory: another host, or
+    another directory (a remote gateway's rsynced rootdir); AMK_SEARCH_REMOTE=1 forces it."""
+    return (bool(info.get("remote")) or os.environ.get(REMOTE_ENV) == "1" or info["host"] != socket.gethostname()
+            or info["directory"] != str(directory))
 
 
 def progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
@@ -206,6 +251,9 @@ class SearchItem(pytest.Function):
         except RuntimeError as e:  # --amk-device=cuda without a GPU
             pytest.fail(str(e), pytrace=False)
         self.stash[LOOP] = result
+        sent = registry.rows_to_send(sf, start)
+        if sent is not None:
+            self.stash[SENT] = sent
         summary = result.summary()
         for key in ("trials", "new_trials", "kept", "start_us", "best_us", "best_kind", "gain_pct", "experiment",
                     "driven_elsewhere", "written"):
@@ -257,6 +305,22 @@ class SearchPlugin:
                                                  start=start))
         return rep
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist (controller), per worker: what a remote worker needs to resume its loops
+        (the results.tsv rows, not the corpus, which no loop reads) and to name their
+        experiments as here (calibration.json)."""
+        from pytest_amk.search_merge import CALIBRATION_FILE, resume_rows
+
+        directory = self.settings.directory
+        try:
+            calibration = (directory / CALIBRATION_FILE).read_text(encoding="utf-8")
+        except OSError:
+            calibration = ""
+        node.workerinput[WORKERINPUT_KEY] = {
+            "host": socket.gethostname(), "directory": str(directory), "remote": os.environ.get(REMOTE_ENV) == "1",
+            "results": resume_rows(directory), "calibration": calibration}
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
@@ -264,6 +328,8 @@ class SearchPlugin:
         if isinstance(item, SearchItem) and call.when == "call" and LOOP in item.stash:
             result = item.stash[LOOP]
             report.amk_search = json.dumps(result.summary())  # type: ignore[attr-defined]
+            if SENT in item.stash:
+                report.amk_search_rows = json.dumps(item.stash[SENT])  # type: ignore[attr-defined]
             report.sections.append(("amk search", f"{result.label}: {result.headline()}\n\n"
                                     f"{trial_table(result.trials)}"))
         return report
@@ -283,15 +349,33 @@ class SearchPlugin:
             return
         summary = json.loads(text)
         summary["nodeid"] = report.nodeid
+        rows = getattr(report, "amk_search_rows", "")
+        if rows:
+            self.gather(summary, json.loads(rows))
         seen = self.summaries.get(summary["experiment"])
         if seen is None or (seen["driven_elsewhere"] and not summary["driven_elsewhere"]):
             self.summaries[summary["experiment"]] = summary
+
+    def gather(self, summary: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> None:
+        """A remote worker's new rows into this directory (this process the only writer);
+        the summary then points at this directory's log, where the charts are drawn from."""
+        from pytest_amk.search_merge import LOGS, append_new
+
+        directory = self.settings.directory
+        added = {name: append_new(directory / name, rows.get(name, [])).added for name in LOGS}
+        summary["log_dir"], summary["results"] = str(directory), str(directory / "results.tsv")
+        if added.get("measured.jsonl"):  # calibration stays here, fitted on every host's measurements
+            from pytest_amk.search import recalibrate
+
+            note = recalibrate(directory, summary["gpu"])
+            if note:
+                self.notes.append(f"calibration {summary['label']}: {note}")
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if _is_worker(self.config) or not self.summaries:
             return
-        self.notes = write_artifacts(list(self.summaries.values()), self.settings.directory)
+        self.notes += write_artifacts(list(self.summaries.values()), self.settings.directory)
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
