@@ -11,6 +11,7 @@ import pytest
 
 from pytest_amk import gpu
 from pytest_amk.gpu import testing as T
+from pytest_amk.schedule import FUSIONS
 
 OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"GPU VM not run: {WHY}")
@@ -33,7 +34,10 @@ def test_presets_match_refvm(model: str, dtype: str) -> None:
     _check_steps(T.compare_with_refvm(prog, T.random_weights(prog, seed=3), steps=3))
 
 
-@pytest.mark.parametrize("fusion", [[], T.knobs()["fusion"]], ids=["unfused", "fused"])
+ALL_FUSED = [list(f) for f in FUSIONS]  # the default plus the combine inside the O projection
+
+
+@pytest.mark.parametrize("fusion", [[], T.knobs()["fusion"], ALL_FUSED], ids=["unfused", "fused", "all-fused"])
 @pytest.mark.parametrize("sm_count", [1, 7, 0])
 def test_schedules_match_refvm(sm_count: int, fusion: list[list[str]]) -> None:
     # Unfused programs run the standalone RMSNORM, ADD and SILU_MUL ops; kv_block 8 with
