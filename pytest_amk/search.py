@@ -30,13 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_amk.schedule import KNOBS, Schedule, ScheduleFile
+from pytest_amk.schedule import FUSIONS, KNOBS, Schedule, ScheduleFile
 
 TSV_COLUMNS = ("experiment", "trial", "tag", "model", "gpu", "outcome", "latency_us", "latency_kind",
                "pct_of_roofline", "schedule_id", "kept", "knobs", "description")
 MIN_GAIN = 0.01
-FUSION_CHOICES = ([], [["rmsnorm", "gemv"]], [["rmsnorm", "gemv"], ["gemv", "residual_add"]],
-                  [["rmsnorm", "gemv"], ["gemv", "residual_add"], ["gemv", "silu_mul"]])
+# The fusion sets the search visits: every prefix of FUSIONS (the default is one of them).
+FUSION_CHOICES = tuple([list(f) for f in FUSIONS[:i]] for i in range(len(FUSIONS) + 1))
 
 
 def knob_choices(name: str) -> tuple[Any, ...]:
