@@ -129,7 +129,10 @@ def _weight_bytes(task: Task, sizes: dict[int, int], weights: set[int]) -> int:
     rows of every token (the token is a runtime input), but it loads only [lo, hi) of one."""
     if task.op == "EMBED":
         return (task.params["hi"] - task.params["lo"]) * sizes[task.params["table"]]
-    return sum((r.hi - r.lo) * sizes[r.buffer] for r in task.reads if r.buffer in weights)
+    # RoPE ops declare the whole table (pos is a runtime input) but read one position's row.
+    rope = task.params.get("rope", -1) if task.op in ("ROPE_APPEND", "ROPE_ATTN_PARTIAL") else -1
+    return sum((r.hi - r.lo) * sizes[r.buffer] if r.buffer != rope else task.params["head_dim"] * sizes[r.buffer]
+               for r in task.reads if r.buffer in weights)
 
 
 def predict_from(f: Features, cal: Calibration) -> float:
