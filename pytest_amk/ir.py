@@ -32,6 +32,8 @@ NO_BUFFER = -1
 MAX_HEAD_DIM = 256  # the VM keeps a key row per lane group in registers
 # Attention stages its KV block in shared memory in chunks of at most this many bytes (K and V).
 ATTN_CHUNK_BYTES = 32 << 10
+# The opcodes that take head_dim and max_seq params (RoPE and attention over the KV cache).
+HEAD_OPS = ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL")
 
 
 class DType(enum.StrEnum):
@@ -479,6 +481,12 @@ def task_smem_bytes(program: Program, task: Task) -> int:
     return 0
 
 
+def gemv_input_len(k: int, inp_blocks: int, head_dim: int) -> int:
+    """Elements of a GEMV's input: k, or the fp32 attention partials of k/head_dim heads x
+    inp_blocks blocks (m, l, o[0:head_dim] each) when the combine is fused into it."""
+    return k // head_dim * inp_blocks * (head_dim + 2) if inp_blocks else k
+
+
 def kv_pad(esize: int) -> int:
     """Elements of padding per staged K/V row: an odd row stride in 4-byte words."""
     return 1 if esize == 4 else 2
@@ -549,11 +557,11 @@ def footprint(op: str, params: dict[str, Any]) -> list[tuple[str, str, int, int]
             raise ValueError(f"inp_blocks = {p['inp_blocks']}, head_dim = {p['head_dim']} with k = {k}: "
                              "head_dim must divide k when the input is attention partials")
         if p["inp_blocks"]:
-            fp[0] = ("inp", "r", 0, k // p["head_dim"] * p["inp_blocks"] * (p["head_dim"] + 2))
+            fp[0] = ("inp", "r", 0, gemv_input_len(k, p["inp_blocks"], p["head_dim"]))
         if p["act"]:
             fp.append(("weight", "r", (p["up_row"] + lo) * k, (p["up_row"] + hi) * k))
         return fp + [("residual", "r", lo, hi)]
-    if op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL"):
+    if op in HEAD_OPS:
         nh, nkv, d, s, g = p["n_heads"], p["n_kv_heads"], p["head_dim"], p["max_seq"], p["kv_head"]
         if nkv < 1 or nh % nkv or d < 1 or s < 1 or not 0 <= g < nkv:
             raise ValueError(f"n_heads = {nh}, n_kv_heads = {nkv}, head_dim = {d}, max_seq = {s}, "

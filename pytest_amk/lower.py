@@ -25,6 +25,7 @@ from pytest_amk.ir import (
     Region,
     Task,
     Wait,
+    gemv_input_len,
 )
 from pytest_amk.models.config import LlamaConfig
 
@@ -188,7 +189,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
             return add(name, residual, partial, n)
         out = b.buffer(name, A, dt, n)
         stage_tiles = []
-        x_len = k // d * inp_blocks * (d + 2) if inp_blocks else k
+        x_len = gemv_input_len(k, inp_blocks, d)
         for lo, hi in tiles(n, n_tile):
             reads = [Region(x, 0, x_len), Region(weight, lo * k, hi * k)]
             if silu_up:

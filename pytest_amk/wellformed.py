@@ -287,7 +287,7 @@ def _check_wellformed(prog: Program, tgt: GpuTarget | None, E: _Errors) -> bool:
             need = 0
         if need > smem_need:
             smem_need, smem_task = need, t
-        if t.op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL") and _is_int(p.get("head_dim")) \
+        if t.op in ir.HEAD_OPS and _is_int(p.get("head_dim")) \
                 and p["head_dim"] > ir.MAX_HEAD_DIM:
             E.add("resource", f"{_tl(t)}: head_dim = {p['head_dim']} exceeds the VM's limit of {ir.MAX_HEAD_DIM}")
     table = ir.buffer_table_bytes(prog)

@@ -24,7 +24,19 @@ from typing import TypeVar
 from pytest_amk.audit.randprog import RANDOM, random_program, random_sync_program
 from pytest_amk.audit.randprog import set_wait as _set_wait
 from pytest_amk.audit.randprog import signallers_of as _signallers
-from pytest_amk.ir import MAX_WAITS, OPS_BY_NAME, TARGETS, Buffer, BufferKind, Counter, Program, Region, Task, Wait
+from pytest_amk.ir import (
+    MAX_WAITS,
+    OPS_BY_NAME,
+    TARGETS,
+    Buffer,
+    BufferKind,
+    Counter,
+    Program,
+    Region,
+    Task,
+    Wait,
+    gemv_input_len,
+)
 
 Mutation = Callable[[Program, random.Random], "Program | None"]
 T = TypeVar("T")
@@ -127,8 +139,8 @@ def _retile(p: Program, t: Task, lo: int, hi: int) -> Task:
     elif t.op == "EMBED":
         reads = [r for r in t.reads]
     else:  # GEMV
-        k, blocks = q["k"], q.get("inp_blocks", 0)
-        x_len = k // q["head_dim"] * blocks * (q["head_dim"] + 2) if blocks else k  # partials: combine fused
+        k = q["k"]
+        x_len = gemv_input_len(k, q.get("inp_blocks", 0), q.get("head_dim", 0))
         reads = [Region(q["inp"], 0, x_len), Region(q["weight"], lo * k, hi * k)]
         if q.get("act"):
             reads.append(Region(q["weight"], (q["up_row"] + lo) * k, (q["up_row"] + hi) * k))
