@@ -165,19 +165,30 @@ def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
-def op_rope_append(bufs: Tensors, p: dict[str, Any]) -> None:
+def _rope_group(bufs: Tensors, p: dict[str, Any]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(q heads of kv head g roped [rep, d], pos, this position's rope table row)."""
     d, g, ms = p["head_dim"], p["kv_head"], p["max_seq"]
     rep = p["n_heads"] // p["n_kv_heads"]
     pos = int(bufs[p["pos"]][0])
     table = bufs[p["rope"]].view(ms, d // 2, 2)[pos]
-    qkv = bufs[p["qkv"]]
-    qs = slice(g * rep * d, (g + 1) * rep * d)
-    bufs[p["q_out"]][qs] = _rope(qkv[qs].view(rep, d), table).reshape(-1)
+    return _rope(bufs[p["qkv"]][g * rep * d : (g + 1) * rep * d].view(rep, d), table), pos, table
+
+
+def _append_kv(bufs: Tensors, p: dict[str, Any], pos: int, table: torch.Tensor) -> None:
+    """k head g roped and v head g of qkv into the caches at ``pos`` (ROPE_APPEND's append)."""
+    d, g, ms, qkv = p["head_dim"], p["kv_head"], p["max_seq"], bufs[p["qkv"]]
     k_off = (p["n_heads"] + g) * d
     v_off = (p["n_heads"] + p["n_kv_heads"] + g) * d
     dst = slice((g * ms + pos) * d, (g * ms + pos + 1) * d)
     bufs[p["k_cache"]][dst] = _rope(qkv[k_off : k_off + d], table)
     bufs[p["v_cache"]][dst] = qkv[v_off : v_off + d]
+
+
+def op_rope_append(bufs: Tensors, p: dict[str, Any]) -> None:
+    q, pos, table = _rope_group(bufs, p)
+    g = p["kv_head"]
+    bufs[p["q_out"]][g * q.numel() : (g + 1) * q.numel()] = q.reshape(-1)
+    _append_kv(bufs, p, pos, table)
 
 
 def _attend(bufs: Tensors, p: dict[str, Any], q_of: Any) -> None:
@@ -210,18 +221,11 @@ def op_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
 
 
 def op_rope_attn_partial(bufs: Tensors, p: dict[str, Any]) -> None:
-    d, g, ms, blk, kb = p["head_dim"], p["kv_head"], p["max_seq"], p["blk"], p["kv_block"]
-    rep = p["n_heads"] // p["n_kv_heads"]
-    pos = int(bufs[p["pos"]][0])
-    table = bufs[p["rope"]].view(ms, d // 2, 2)[pos]
-    qkv = bufs[p["qkv"]]
-    q = _rope(qkv[g * rep * d : (g + 1) * rep * d].view(rep, d), table)
+    q, pos, table = _rope_group(bufs, p)
+    blk, kb, rep = p["blk"], p["kv_block"], q.shape[0]
     if blk * kb <= pos < (blk + 1) * kb:  # this block holds the new position: append k and v
-        k_off, v_off = (p["n_heads"] + g) * d, (p["n_heads"] + p["n_kv_heads"] + g) * d
-        dst = slice((g * ms + pos) * d, (g * ms + pos + 1) * d)
-        bufs[p["k_cache"]][dst] = _rope(qkv[k_off : k_off + d], table)
-        bufs[p["v_cache"]][dst] = qkv[v_off : v_off + d]
-    _attend(bufs, p, lambda h: q[h - g * rep])
+        _append_kv(bufs, p, pos, table)
+    _attend(bufs, p, lambda h: q[h - p["kv_head"] * rep])
 
 
 def _combine(part: torch.Tensor, h_lo: int, h_hi: int, nb: int, d: int, dtype: torch.dtype) -> torch.Tensor:
