@@ -476,7 +476,7 @@ def task_smem_bytes(program: Program, task: Task) -> int:
         rep = int(p["n_heads"]) // max(1, int(p["n_kv_heads"]))
         d, ch = int(p["head_dim"]), attn_chunk(int(p["kv_block"]), int(p["head_dim"]), esize)
         # fp32: q and o accumulators [rep][D], scores [rep][chunk], (m, l, alpha) per head;
-        # then the K and V chunk in the model dtype, rows padded (bank-conflict-free columns).
+        # then (16-byte aligned: + 16) the K and V chunk in the model dtype, rows padded.
         return 4 * rep * (2 * d + ch + 3) + 2 * ch * (d + kv_pad(esize)) * esize + 16
     return 0
 
@@ -488,8 +488,9 @@ def gemv_input_len(k: int, inp_blocks: int, head_dim: int) -> int:
 
 
 def kv_pad(esize: int) -> int:
-    """Elements of padding per staged K/V row: an odd row stride in 4-byte words."""
-    return 1 if esize == 4 else 2
+    """Elements of padding per staged K/V row: 16 bytes, so rows stay 16-byte aligned (cp.async)
+    and 8 consecutive rows put a 16-byte column in 8 distinct bank groups."""
+    return 16 // esize
 
 
 def attn_chunk(kv_block: int, head_dim: int, esize: int) -> int:

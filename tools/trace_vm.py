@@ -130,8 +130,12 @@ def main() -> int:
         bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
         pf = kn.pop("prefetch_bytes", args.prefetch)
         extra: dict[str, Any] = {} if pf is None else {"prefetch_bytes": int(pf)}
-        bld = {k: bool(v) if k in ("prefetch_late",) else v for k, v in parse_knobs(args.build).items()}
-        bld |= {k[len("build_"):]: bool(v) for k, v in kn.items() if k.startswith("build_")}
+
+        def as_build(k: str, v: Any) -> Any:
+            return bool(v) if k == "prefetch_late" else v
+
+        bld = {k: as_build(k, v) for k, v in parse_knobs(args.build).items()}
+        bld |= {k[len("build_"):]: as_build(k[len("build_"):], v) for k, v in kn.items() if k.startswith("build_")}
         kn = {k: v for k, v in kn.items() if not k.startswith("build_")}
         if bld:
             extra["build"] = bld
