@@ -9,6 +9,7 @@
 #define AMK_KV_PAD (16 / (int)sizeof(amk_t))  // ir.kv_pad: staged K/V rows are padded by 16 bytes
 
 constexpr int AMK_SCORE_UNROLL = AMK_THREADS >= 1024 ? 1 : 2;  // the 1024-thread build has 64 registers
+constexpr int AMK_PV_WAYS = AMK_THREADS >= 1024 ? (AMK_DTYPE == 0 ? 1 : 2) : 4;  // independent P.V sums (same)
 
 // ir.attn_chunk: positions of a KV block staged in shared memory at once.
 __device__ __forceinline__ int attn_chunk(int kb, int D) {
@@ -167,9 +168,25 @@ __device__ void attn_block(const AmkCtx& c, int o, int n) {
         for (int idx = threadIdx.x; idx < rep * D; idx += AMK_THREADS) {
             const int hl = idx / D, d = idx - hl * D;
             const float* e = sm + o_sc + hl * CH;
+            // Independent sums: the loop is bound by shared-memory latency, not FMAs.
+            const amk_t* v = vs + d;
             float a = 0.0f;
+            if (AMK_PV_WAYS == 1) {
 #pragma unroll 2
-            for (int pp = 0; pp < cn; ++pp) a = fmaf(e[pp], to_f(vs[pp * RS + d]), a);
+                for (int pp = 0; pp < cn; ++pp) a = fmaf(e[pp], to_f(v[pp * RS]), a);
+            } else {
+                float sums[AMK_PV_WAYS];
+#pragma unroll
+                for (int w = 0; w < AMK_PV_WAYS; ++w) sums[w] = 0.0f;
+                int pp = 0;
+#pragma unroll 1
+                for (; pp + AMK_PV_WAYS - 1 < cn; pp += AMK_PV_WAYS)
+#pragma unroll
+                    for (int w = 0; w < AMK_PV_WAYS; ++w) sums[w] = fmaf(e[pp + w], to_f(v[(pp + w) * RS]), sums[w]);
+                for (; pp < cn; ++pp) sums[0] = fmaf(e[pp], to_f(v[pp * RS]), sums[0]);
+#pragma unroll
+                for (int w = 0; w < AMK_PV_WAYS; ++w) a += sums[w];
+            }
             float* acc = sm + rep * D + idx;
             *acc = c0 == 0 ? a : fmaf(*acc, sm[o_ml + 3 * hl + 2], a);
         }
