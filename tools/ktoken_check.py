@@ -1,5 +1,5 @@
 """Device-side check of K tokens in one launch: greedy tokens of llama-3.2-1b-shape (schedule
-"wide-blocks", bf16, random weights) three ways, all on the GPU: eager PyTorch, the megakernel one
+"wide-blocks", random weights; bf16 and fp32) three ways, all on the GPU: eager PyTorch, the megakernel one
 launch per token, and the megakernel K tokens per launch (K = 128 and 16). Also toy-4L in fp32,
 where every way must give the same tokens. Prints, per case, how many tokens each pair agrees on
 (at a divergence, the top-2 logit gaps, since random-weight bf16 models have near-ties) and the
@@ -254,6 +254,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=3, help="timed launches per position / chunk")
     ap.add_argument("--no-toy", action="store_true", help="skip the exact fp32 toy-4L case")
     ap.add_argument("--no-1b", action="store_true", help="skip the --file case")
+    ap.add_argument("--dtypes", default="bf16,fp32",
+                    help="dtypes of the --file case; fp32 must equal eager exactly, bf16 up to certified near-ties")
     args = ap.parse_args()
     t_start = time.perf_counter()
     report: dict[str, Any] = {"args": vars(args), "rows": []}
@@ -280,8 +282,8 @@ def main() -> int:
         cases = []
         if not args.no_toy:
             cases.append((Case("toy-4L/fp32::default", "fp32", True), ROOT / "schedules" / "toy-4L.toml", "default"))
-        if not args.no_1b:
-            cases.append((Case(f"{Path(args.file).stem}/bf16::{args.schedule}", "bf16", False), Path(args.file),
+        for dt in [] if args.no_1b else [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+            cases.append((Case(f"{Path(args.file).stem}/{dt}::{args.schedule}", dt, dt == "fp32"), Path(args.file),
                           args.schedule))
         for case, path, schedule in cases:
             report["rows"].append(case.row)
