@@ -139,3 +139,42 @@ def test_checks_catch_out_of_bounds_and_dtypes() -> None:
     bad = copy.deepcopy(prog)
     bad.tasks[0].op = "FROB"
     assert any("unknown opcode" in e for e in check_program(bad))
+
+
+def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
+    """The L2 prefetch budget is per instruction: a SiLU-mul GEMV's gate and up ranges get half
+    each, other weight tasks one range of the whole budget (capped by their rows), every range
+    16-byte aligned and inside its weight rows; other ops prefetch nothing."""
+    np = pytest.importorskip("numpy")
+    from pytest_amk.gpu.runtime import prefetch_table
+
+    prog = _lowered("toy")
+    order = [t for q in prog.queues() for t in q]
+    base = {b.id: (1 << 32) + (b.id << 24) for b in prog.buffers}  # fake, 16-byte aligned addresses
+    ptrs = np.zeros(1 + max(base), dtype=np.int64)
+    for bid, addr in base.items():
+        ptrs[bid] = addr
+    sizes = {b.id: b.dtype.nbytes for b in prog.buffers}
+    cap = 1024
+    pf = prefetch_table(prog, order, ptrs, cap)
+    seen = set()
+    for i, t in enumerate(order):
+        if t.op not in ("GEMV", "LM_HEAD"):
+            assert not pf[i].any(), t.op
+            continue
+        p = t.params
+        act = t.op == "GEMV" and p["act"] == 1
+        row_bytes = p["k"] * sizes[p["weight"]]
+        task_bytes = (p["n_hi"] - p["n_lo"]) * row_bytes
+        assert int(pf[i, :, 1].sum()) <= cap
+        for r, first_row in enumerate([p["n_lo"]] + ([p["up_row"] + p["n_lo"]] if act else [])):
+            addr, n = (int(v) for v in pf[i, r])
+            start = base[p["weight"]] + first_row * row_bytes
+            assert addr % 16 == 0 and n % 16 == 0
+            assert n == min(cap // (2 if act else 1), task_bytes) // 16 * 16
+            assert start <= addr and addr + n <= start + task_bytes
+        if not act:
+            assert not pf[i, 1].any()
+        seen.add(act)
+    assert seen == {True, False}, "the toy program has both kinds of weight task"
+    assert not prefetch_table(prog, order, ptrs, 0).any()
