@@ -455,6 +455,25 @@ def cuda_header() -> str:
     return "\n".join(lines) + "\n"
 
 
+# Buffer params whose dtype the op fixes; every other buffer param holds the model dtype.
+FIXED_DTYPES: dict[tuple[str, str], DType] = {
+    ("EMBED", "token"): DType.INT32, ("ROPE_APPEND", "pos"): DType.INT32, ("ROPE_APPEND", "rope"): DType.FP32,
+    ("ATTN_PARTIAL", "seq_len"): DType.INT32, ("ATTN_PARTIAL", "partial"): DType.FP32,
+    ("ATTN_COMBINE", "partial"): DType.FP32, ("ROPE_ATTN_PARTIAL", "pos"): DType.INT32,
+    ("ROPE_ATTN_PARTIAL", "rope"): DType.FP32, ("ROPE_ATTN_PARTIAL", "seq_len"): DType.INT32,
+    ("ROPE_ATTN_PARTIAL", "partial"): DType.FP32, ("LM_HEAD", "out"): DType.FP32, ("LM_HEAD", "amax"): DType.FP32,
+    ("ARGMAX", "amax"): DType.FP32, ("ARGMAX", "out"): DType.INT32,
+}
+
+
+def buffer_dtype(op: str, name: str, params: dict[str, Any], model: DType) -> DType:
+    """The dtype both VMs use for buffer param ``name`` of an ``op`` task (``model``: the model
+    dtype; a GEMV's input is fp32 attention partials when it combines them, inp_blocks > 0)."""
+    if op == "GEMV" and name == "inp" and int(params.get("inp_blocks", 0)) > 0:
+        return DType.FP32
+    return FIXED_DTYPES.get((op, name), model)
+
+
 # -- resources (shared by the validator and the GPU launcher) -----------------------
 
 SMEM_RESERVED = 256  # bytes the VM keeps for its own bookkeeping (reduction scratch)

@@ -15,21 +15,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_amk import ir
-from pytest_amk.ir import Buffer, BufferKind, Counter, DType, GpuTarget, OpSpec, Program, Region, Task, Wait
+from pytest_amk.ir import (
+    FIXED_DTYPES,
+    Buffer,
+    BufferKind,
+    Counter,
+    DType,
+    GpuTarget,
+    OpSpec,
+    Program,
+    Region,
+    Task,
+    Wait,
+    buffer_dtype,
+)
 
 ERROR_CAP = 20  # errors shown per code; the rest are counted
 MUTABLE = (BufferKind.ACTIVATION, BufferKind.KV, BufferKind.OUTPUT)
-
-# dtypes the op docs in ir.OPS fix for some params.
-_DTYPES: dict[tuple[str, str], DType] = {
-    ("EMBED", "token"): DType.INT32, ("ROPE_APPEND", "pos"): DType.INT32,
-    ("ROPE_APPEND", "rope"): DType.FP32, ("ATTN_PARTIAL", "seq_len"): DType.INT32,
-    ("ATTN_PARTIAL", "partial"): DType.FP32, ("ATTN_COMBINE", "partial"): DType.FP32,
-    ("ROPE_ATTN_PARTIAL", "pos"): DType.INT32, ("ROPE_ATTN_PARTIAL", "rope"): DType.FP32,
-    ("ROPE_ATTN_PARTIAL", "seq_len"): DType.INT32, ("ROPE_ATTN_PARTIAL", "partial"): DType.FP32,
-    ("LM_HEAD", "out"): DType.FP32, ("LM_HEAD", "amax"): DType.FP32, ("ARGMAX", "amax"): DType.FP32,
-}
-
 
 @dataclass(frozen=True)
 class ValidationError:
@@ -144,13 +146,13 @@ def _check_footprint(t: Task, p: dict[str, Any], bufs: list[Buffer], E: _Errors)
     except ValueError as e:
         E.add("malformed", f"{_tl(t)}: {e}")
         return
-    for (op, name), dt in _DTYPES.items():
+    for (op, name), dt in FIXED_DTYPES.items():
         if op == t.op and p[name] >= 0 and bufs[p[name]].dtype is not dt:
             b = bufs[p[name]]
             E.add("malformed", f"{_tl(t)}: param {name!r} is {b.kind.value} '{b.name}' of dtype "
                                f"{b.dtype.value}; {op} needs {dt.value}")
     if t.op == "GEMV" and p["inp"] >= 0 and p["weight"] >= 0:
-        want = DType.FP32 if p["inp_blocks"] > 0 else bufs[p["weight"]].dtype  # partials are fp32
+        want = buffer_dtype("GEMV", "inp", p, bufs[p["weight"]].dtype)  # the weight's, or fp32 partials
         if bufs[p["inp"]].dtype is not want:
             b = bufs[p["inp"]]
             E.add("malformed", f"{_tl(t)}: param 'inp' is '{b.name}' of dtype {b.dtype.value}; GEMV with "

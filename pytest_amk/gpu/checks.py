@@ -13,26 +13,6 @@ from typing import Any
 
 from pytest_amk import ir
 
-M, F32, I32 = "model", "fp32", "int32"
-
-# Expected dtype of each buffer param ("model" = the program's model dtype).
-PARAM_DTYPES: dict[str, dict[str, str]] = {
-    "NOP": {},
-    "EMBED": {"token": I32, "table": M, "out": M},
-    "RMSNORM": {"inp": M, "weight": M, "out": M},
-    "GEMV": {"inp": M, "weight": M, "out": M, "norm_weight": M, "residual": M},
-    "ROPE_APPEND": {"qkv": M, "rope": F32, "pos": I32, "q_out": M, "k_cache": M, "v_cache": M},
-    "ATTN_PARTIAL": {"q": M, "k_cache": M, "v_cache": M, "seq_len": I32, "partial": F32},
-    "ATTN_COMBINE": {"partial": F32, "out": M},
-    "ROPE_ATTN_PARTIAL": {"qkv": M, "rope": F32, "pos": I32, "k_cache": M, "v_cache": M, "seq_len": I32,
-                          "partial": F32},
-    "ADD": {"a": M, "b": M, "out": M},
-    "SILU_MUL": {"inp": M, "out": M},
-    "LM_HEAD": {"inp": M, "weight": M, "out": F32, "norm_weight": M, "amax": F32},
-    "ARGMAX": {"amax": F32, "out": I32},
-}
-assert set(PARAM_DTYPES) == set(ir.OPS_BY_NAME), "every opcode needs its buffer dtypes here"
-
 MAX_HEAD_DIM = ir.MAX_HEAD_DIM
 INT32_MAX = 2**31 - 1
 
@@ -50,7 +30,7 @@ def _extents(op: str, p: dict[str, Any]) -> tuple[list[tuple[str, int, int]], li
         errs.append(f"n={p['n']} must be >= 1 and >= hi={p['hi']}")
     elif op in ("GEMV", "LM_HEAD") and p["k"] < 1:
         errs.append(f"k={p['k']} must be >= 1")
-    elif op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL") and not 2 <= p["head_dim"] <= MAX_HEAD_DIM:
+    elif op in ir.HEAD_OPS and not 2 <= p["head_dim"] <= MAX_HEAD_DIM:
         errs.append(f"head_dim={p['head_dim']} outside [2, {MAX_HEAD_DIM}] (AMK_MAX_HEAD_DIM of the VM)")
     elif op == "ATTN_COMBINE" and (p["n_blocks"] < 1 or p["head_dim"] < 1):
         errs.append(f"n_blocks={p['n_blocks']} and head_dim={p['head_dim']} must be >= 1")
@@ -106,9 +86,7 @@ def check_program(program: ir.Program) -> list[str]:
             if buf is None:
                 errors.append(f"{where}: {name}={bid} is not a buffer")
                 continue
-            want = dtype if PARAM_DTYPES[t.op][name] == M else PARAM_DTYPES[t.op][name]
-            if t.op == "GEMV" and name == "inp" and p["inp_blocks"] > 0:
-                want = F32  # attention partials, combined while staging the input
+            want = ir.buffer_dtype(t.op, name, p, ir.DType(dtype)).value
             if buf.dtype.value != want:
                 errors.append(f"{where}: {name} is buffer {buf.name!r} of {buf.dtype.value}, the VM reads {want}")
         if any(e.startswith(where) for e in errors):
@@ -127,6 +105,5 @@ def input_limits(program: ir.Program) -> tuple[int | None, int | None]:
     """(vocab, max_seq) the runtime inputs must respect: token < vocab, pos < max_seq."""
     bufs = {b.id: b for b in program.buffers}
     vocab = [bufs[t.params["table"]].numel // max(1, t.params["hidden"]) for t in program.tasks if t.op == "EMBED"]
-    seqs = [t.params["max_seq"] for t in program.tasks
-            if t.op in ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL")]
+    seqs = [t.params["max_seq"] for t in program.tasks if t.op in ir.HEAD_OPS]
     return (min(vocab) if vocab else None, min(seqs) if seqs else None)
