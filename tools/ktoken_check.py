@@ -264,16 +264,13 @@ def main() -> int:
     try:
         import torch
 
-        from pytest_amk import gpu
         from pytest_amk.generate import parse_prompt_ids
+        from pytest_amk.gpu.testing import exact_device
 
-        ok, why = gpu.available()
-        if not ok:
+        dev, why = exact_device()
+        if dev is None:
             log(f"GPU not available: {why}")
             return 2
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        dev = gpu.device_info()
         report["device"] = dev.__dict__
         report["torch"] = torch.__version__
         log(f"device: {dev.name} ({dev.arch}, {dev.sm_count} SMs), torch {torch.__version__}; {args.tokens} tokens, "

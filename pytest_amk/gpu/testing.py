@@ -15,6 +15,21 @@ from typing import Any
 from pytest_amk import ir
 
 
+def exact_device() -> tuple[Any, str]:
+    """(DeviceInfo, "") of the GPU, with TF32 off so torch's fp32 matmuls are exact enough to
+    compare tokens with the megakernel; (None, reason) when no GPU VM can run here."""
+    import torch
+
+    from pytest_amk import gpu
+
+    ok, why = gpu.available()
+    if not ok:
+        return None, why
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return gpu.device_info(), ""
+
+
 def knobs(**overrides: Any) -> dict[str, Any]:
     """The default schedule knobs with overrides (``tiling__gemv__n_tile`` for dotted names)."""
     from pytest_amk.schedule import KNOBS
