@@ -15,25 +15,15 @@ import pytest
 
 # Imported before any in-process inner run (a C extension cannot be imported twice).
 import torch  # noqa: F401
+from helpers import toy_toml
 
 from pytest_amk import bench, benchmarking, cli, pipeline, refvm  # noqa: F401
 from pytest_amk.gpu import harness
 from pytest_amk.models import llama  # noqa: F401
 
-TOY = """\
-[model]
-id = "toy"
-dtype = "bf16"
-max_seq = 64
-
-[target]
-gpu = "h100"
-
-[[schedule]]
-name = "default"
-"""
-TWO = TOY + '\n[[schedule]]\nname = "second"\nthreads_per_block = 128\n'
-REJECTED_ONLY = TOY.replace('name = "default"', 'name = "too-wide"\nthreads_per_block = 2048')
+TOY = toy_toml('name = "default"')
+TWO = toy_toml('name = "default"', 'name = "second"\nthreads_per_block = 128')
+REJECTED_ONLY = toy_toml('name = "too-wide"\nthreads_per_block = 2048')
 
 # Durations per item name from $AMK_FAKE_US (JSON), so each inner run can inject its own.
 # pytest-benchmark's default machine info asks py-cpuinfo (a second per run): not needed here.

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import toy_toml
 
 from pytest_amk.cli import main
 from pytest_amk.schedule import KNOBS
@@ -19,33 +20,12 @@ VERDICT_KEYS = {"valid", "rejected_reason", "correct", "max_abs_err", "top1_agre
                 "latency_kind", "pct_of_roofline", "bound_us", "schedule_id", "tasks", "weight_mb", "gpu",
                 "model", "device", "notes"}
 
-TOY = """\
-[model]
-id = "toy"
-dtype = "bf16"
-max_seq = 64
-
-[target]
-gpu = "h100"
-
-[[schedule]]
-name = "default"
-
-[[schedule]]
-name = "narrow"
-threads_per_block = 128
-tiling.gemv.n_tile = 8
-
-[[schedule]]
-name = "too-many-threads"
-threads_per_block = 2048
-
-[[schedule]]
-name = "over-limit"
-threads_per_block = 2048
-expect.outcome = "rejected"
-expect.reason = "threads_per_block"
-"""
+TOY = toy_toml(
+    'name = "default"',
+    'name = "narrow"\nthreads_per_block = 128\ntiling.gemv.n_tile = 8',
+    'name = "too-many-threads"\nthreads_per_block = 2048',
+    'name = "over-limit"\nthreads_per_block = 2048\nexpect.outcome = "rejected"\nexpect.reason = "threads_per_block"',
+)
 
 
 @pytest.fixture

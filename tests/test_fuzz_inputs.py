@@ -32,6 +32,7 @@ import pytest
 
 # In-process pytester runs drop the modules a run imported; torch cannot be imported twice.
 import torch  # noqa: F401
+from helpers import toy_toml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,27 +75,11 @@ def count(prop: str, outcome: str) -> None:
 
 # -- schedule files ----------------------------------------------------------------------------
 
-GOOD = """\
-[model]
-id = "toy"
-dtype = "bf16"
-seed = 0
-max_seq = 64
-
-[target]
-gpu = "h100"
-
-[[schedule]]
-name = "default"
-
-[[schedule]]
-name = "narrow"
-threads_per_block = 128
-tiling.gemv.n_tile = 8
-tiling.attention.kv_block = 16
-fusion = [["rmsnorm", "gemv"]]
-expect.outcome = "pass"
-"""
+GOOD = toy_toml(
+    'name = "default"',
+    'name = "narrow"\nthreads_per_block = 128\ntiling.gemv.n_tile = 8\ntiling.attention.kv_block = 16\n'
+    'fusion = [["rmsnorm", "gemv"]]\nexpect.outcome = "pass"',
+    seed=0)
 
 HUGE = (10**30, -(10**30), -1, 0, 1, 2**31 - 1, 2**31, -(2**31), 2**63 - 1, 2**63, -(2**63), 2**64, 1 << 20,
         (1 << 20) + 1, 1 << 24, 4096, 4097, 33, 131072)
@@ -581,13 +566,10 @@ BAD_FILES: dict[str, bytes] = {
 }
 
 
-def test_collection_of_adversarial_files(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("amk")  # tests/conftest.py: an ini file, schedules/, top-level inner runs
+def test_collection_of_adversarial_files(pytester: pytest.Pytester) -> None:
     """One pytest run over the bad files and a good one: each bad file is an error naming it
     (and its key), the good one passes, a huge-but-valid one is REJECTED, no INTERNALERROR."""
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    (pytester.path / "schedules").mkdir()
     for name, data in BAD_FILES.items():
         (pytester.path / "schedules" / name).write_bytes(data)
     (pytester.path / "schedules" / "good.toml").write_text(GOOD.split("[[schedule]]\nname = \"narrow\"")[0])

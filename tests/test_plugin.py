@@ -15,6 +15,7 @@ import pytest
 # extension such as torch (or PyCUDA) cannot be imported twice in one process. Import
 # them here, before any inner run, so that they stay (and the eager-model caches with them).
 import torch  # noqa: E402, F401
+from helpers import toy_toml
 
 from pytest_amk import pipeline, refvm  # noqa: E402, F401
 from pytest_amk.models import llama  # noqa: E402, F401
@@ -24,34 +25,12 @@ try:
 except Exception:
     pass
 
-TOY = """\
-[model]
-id = "toy"
-dtype = "bf16"
-max_seq = 64
+GOOD = toy_toml('name = "default"')
 
-[target]
-gpu = "{gpu}"
-"""
+REJECTED = toy_toml('name = "ok"', 'name = "too-many-threads"\nthreads_per_block = 2048')
 
-GOOD = TOY.format(gpu="h100") + '\n[[schedule]]\nname = "default"\n'
-
-REJECTED = TOY.format(gpu="h100") + """
-[[schedule]]
-name = "ok"
-
-[[schedule]]
-name = "too-many-threads"
-threads_per_block = 2048
-"""
-
-EXPECTED_REJECTED = TOY.format(gpu="h100") + """
-[[schedule]]
-name = "over-limit"
-threads_per_block = 2048
-expect.outcome = "rejected"
-expect.reason = "threads_per_block"
-"""
+EXPECTED_REJECTED = toy_toml(
+    'name = "over-limit"\nthreads_per_block = 2048\nexpect.outcome = "rejected"\nexpect.reason = "threads_per_block"')
 
 BROKEN_EMBED_CONFTEST = """
 import pytest
@@ -195,11 +174,7 @@ def test_expected_rejected_passes_and_shows_reason_when_verbose(amk: pytest.Pyte
 
 
 def test_expected_rejected_but_valid_fails(amk: pytest.Pytester) -> None:
-    write(amk, "schedules/x.toml", TOY.format(gpu="h100") + """
-[[schedule]]
-name = "actually-fine"
-expect.outcome = "rejected"
-""")
+    write(amk, "schedules/x.toml", toy_toml('name = "actually-fine"\nexpect.outcome = "rejected"'))
     result = run(amk, "--amk-device=cpu")
     assert result.ret == 1
     assert result.parseoutcomes() == {"failed": 1}
@@ -207,13 +182,8 @@ expect.outcome = "rejected"
 
 
 def test_expected_rejected_with_wrong_reason_fails(amk: pytest.Pytester) -> None:
-    write(amk, "schedules/x.toml", TOY.format(gpu="h100") + """
-[[schedule]]
-name = "wrong-reason"
-threads_per_block = 2048
-expect.outcome = "rejected"
-expect.reason = "shared memory"
-""")
+    write(amk, "schedules/x.toml", toy_toml('name = "wrong-reason"\nthreads_per_block = 2048\n'
+                                            'expect.outcome = "rejected"\nexpect.reason = "shared memory"'))
     result = run(amk)
     assert result.ret == 1
     assert result.parseoutcomes() == {"failed": 1}
@@ -253,17 +223,17 @@ def test_junit_xml_carries_outcome_properties(amk: pytest.Pytester) -> None:
 
 MALFORMED = {
     "syntax.toml": ('[model\nid = "toy"\n', "syntax.toml: invalid TOML"),
-    "wrong-type.toml": (TOY.format(gpu="h100") + '[[schedule]]\nname = "a"\nthreads_per_block = "many"\n',
+    "wrong-type.toml": (toy_toml() + '[[schedule]]\nname = "a"\nthreads_per_block = "many"\n',
                         "wrong-type.toml: schedule[0].threads_per_block: expected an integer"),
-    "unknown-key.toml": (TOY.format(gpu="h100") + '[[schedule]]\nname = "a"\nwarp_specialize = true\n',
+    "unknown-key.toml": (toy_toml() + '[[schedule]]\nname = "a"\nwarp_specialize = true\n',
                          "unknown-key.toml: schedule[0].warp_specialize: unknown key"),
-    "unknown-gpu.toml": (TOY.format(gpu="v100") + '[[schedule]]\nname = "a"\n',
+    "unknown-gpu.toml": (toy_toml(gpu="v100") + '[[schedule]]\nname = "a"\n',
                          "unknown-gpu.toml: target.gpu: unknown GPU 'v100'"),
-    "out-of-range.toml": (TOY.format(gpu="h100") + '[[schedule]]\nname = "a"\npipelining_depth = 99\n',
+    "out-of-range.toml": (toy_toml() + '[[schedule]]\nname = "a"\npipelining_depth = 99\n',
                           "out-of-range.toml: schedule[0].pipelining_depth: 99 is out of range"),
     "empty.toml": ("", "empty.toml: model: missing [model] table"),
     "no-model.toml": ('[target]\ngpu = "h100"\n[[schedule]]\nname = "a"\n', "no-model.toml: model: missing"),
-    "bad-dtype.toml": (TOY.replace('"bf16"', '"int8"').format(gpu="h100") + '[[schedule]]\nname = "a"\n',
+    "bad-dtype.toml": (toy_toml(dtype="int8") + '[[schedule]]\nname = "a"\n',
                        "bad-dtype.toml: model.dtype: 'int8' is not one of"),
 }
 
@@ -296,7 +266,7 @@ def test_unknown_gpu_option_errors_each_item_naming_it(amk: pytest.Pytester) -> 
 
 def test_gpu_option_and_ini_override_the_files_target(amk: pytest.Pytester) -> None:
     # 100 SMs: more than an L4 has (58), fewer than an H100 (132).
-    write(amk, "schedules/l4.toml", TOY.format(gpu="l4") + '[[schedule]]\nname = "sms"\nsm_count = 100\n')
+    write(amk, "schedules/l4.toml", toy_toml(gpu="l4") + '[[schedule]]\nname = "sms"\nsm_count = 100\n')
     assert run(amk).parseoutcomes() == {"rejected": 1}
     assert run(amk, "--amk-gpu=h100").parseoutcomes() == {"passed": 1}
     amk.makeini("[pytest]\namk_gpu = h100\namk_device = cpu\n")
@@ -339,7 +309,7 @@ def test_xdist_gives_the_same_outcomes(amk: pytest.Pytester) -> None:
     amk.makeconftest(BROKEN_EMBED_CONFTEST)
     write(amk, "schedules/limits.toml", REJECTED)
     write(amk, "schedules/xrej.toml", EXPECTED_REJECTED)
-    write(amk, "schedules/broken.toml", TOY.format(gpu="h100") + '[[schedule]]\nname = "broken-embed"\n')
+    write(amk, "schedules/broken.toml", toy_toml() + '[[schedule]]\nname = "broken-embed"\n')
     write(amk, "schedules/bad.toml", "[model]\nid = 3\n")
     serial = run(amk, "--amk-device=cpu")
     dist = run(amk, "--amk-device=cpu", "-n", "2")

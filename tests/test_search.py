@@ -11,38 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import toy_search, toy_toml
+
 from pytest_amk import pipeline
-from pytest_amk.schedule import Schedule, parse_file
-from pytest_amk.search import Search, SearchLog, Trial, append_line, better, read_rows, write_back
+from pytest_amk.schedule import parse_file
+from pytest_amk.search import Trial, append_line, better, read_rows, write_back
 
-TOY = """# my comment stays
-[model]
-id = "toy"
-dtype = "fp32"
-max_seq = 16
-
-[target]
-gpu = "h100"
-
-[[schedule]]
-name = "default"   # trailing comment stays too
-"""
-
-
-def make_search(tmp_path: Path, budget_evaluator=None) -> Search:
-    f = tmp_path / "toy.toml"
-    if not f.exists():
-        f.write_text(TOY)
-    sf = parse_file(f)
-
-    def evaluate(s: Schedule) -> pipeline.ItemResult:
-        return pipeline.run_schedule(sf, s, device="cpu", steps=1)
-
-    return Search(sf, sf.schedules[0], budget_evaluator or evaluate, SearchLog(tmp_path / "log"), seed=1)
+TOY = "# my comment stays\n" + toy_toml('name = "default"   # trailing comment stays too', dtype="fp32", max_seq=16)
 
 
 def test_keeps_only_valid_correct_improvements(tmp_path: Path) -> None:
-    search = make_search(tmp_path)
+    search = toy_search(tmp_path, TOY)
     best = search.run(10)
     assert best is not None and best.outcome == "passed"
     kept = [t for t in search.trials if t.kept]
@@ -60,7 +39,7 @@ def test_keeps_only_valid_correct_improvements(tmp_path: Path) -> None:
 
 
 def test_rejected_candidate_is_logged_never_kept(tmp_path: Path) -> None:
-    search = make_search(tmp_path)
+    search = toy_search(tmp_path, TOY)
     search.run(1)
     bad = Trial(1, "explore", dict(search.start.knobs, threads_per_block=2048))
     search._evaluate(bad)
@@ -134,14 +113,14 @@ Search(sf, sf.schedules[0], ev, SearchLog(Path({str(tmp_path / "log")!r})), seed
     proc.wait()
     done = len(read_rows(results))
     assert done >= 3
-    search = make_search(tmp_path)
+    search = toy_search(tmp_path, TOY)
     assert len(search.trials) == done
     search.run(done + 3)
     assert [int(r["trial"]) for r in read_rows(results)] == list(range(done + 3))
 
 
 def test_write_back_collects_and_passes(tmp_path: Path) -> None:
-    search = make_search(tmp_path)
+    search = toy_search(tmp_path, TOY)
     best = search.run(6)
     assert best is not None
     best.knobs["tiling.gemv.n_tile"] = 8  # make sure a dotted knob is written

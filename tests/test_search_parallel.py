@@ -12,37 +12,19 @@ import pytest
 
 # In-process pytester runs drop the modules a run imported; torch cannot be imported twice.
 import torch  # noqa: F401
+from helpers import toy_search, toy_toml
 
-from pytest_amk import devices, pipeline
-from pytest_amk.schedule import Schedule, parse_file
-from pytest_amk.search import Search, SearchLog, better, read_jsonl, read_rows
+from pytest_amk import devices
+from pytest_amk.schedule import Schedule
+from pytest_amk.search import Search, better, read_jsonl, read_rows
 from pytest_amk.search_parallel import EvaluatorPool, LoopEvaluatorFactory, pin, plan_workers
 
-TOY = """[model]
-id = "toy"
-dtype = "fp32"
-max_seq = 16
-
-[target]
-gpu = "h100"
-
-[[schedule]]
-name = "default"
-"""
+TOY = toy_toml('name = "default"', dtype="fp32", max_seq=16)
 
 
 def make(tmp_path: Path) -> tuple[Search, LoopEvaluatorFactory]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    f = tmp_path / "toy.toml"
-    if not f.exists():
-        f.write_text(TOY)
-    sf = parse_file(f)
-
-    def evaluate(s: Schedule) -> pipeline.ItemResult:
-        return pipeline.run_schedule(sf, s, device="cpu", steps=1)
-
-    search = Search(sf, sf.schedules[0], evaluate, SearchLog(tmp_path / "log"), seed=1)
-    return search, LoopEvaluatorFactory(sf, "cpu", 1)
+    search = toy_search(tmp_path, TOY)
+    return search, LoopEvaluatorFactory(search.sf, "cpu", 1)
 
 
 def check_log(search: Search, budget: int) -> None:
@@ -96,11 +78,8 @@ def test_amk_loop_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert [int(r["trial"]) for r in read_rows(tmp_path / "log" / "results.tsv")] == [0, 1, 2]
 
 
-def test_pytest_option(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(var, raising=False)
-    pytester.makeini("[pytest]\n")
-    (pytester.path / "schedules").mkdir()
+@pytest.mark.usefixtures("amk")  # tests/conftest.py: an ini file, schedules/, top-level inner runs
+def test_pytest_option(pytester: pytest.Pytester) -> None:
     (pytester.path / "schedules" / "toy.toml").write_text(TOY)
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "--amk-steps=1",
                                 "--amk-device=cpu", "--amk-search=3", "--amk-search-workers=2")
