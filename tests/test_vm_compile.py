@@ -178,3 +178,32 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
         seen.add(act)
     assert seen == {True, False}, "the toy program has both kinds of weight task"
     assert not prefetch_table(prog, order, ptrs, 0).any()
+
+
+@pytest.mark.parametrize("key", sorted(ir.FIXED_DTYPES), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_fixed_dtypes_are_enforced_by_validator_and_launcher(key: tuple[str, str]) -> None:
+    """ir.FIXED_DTYPES is the one table of fixed buffer dtypes: giving such a buffer another
+    dtype makes both the validator (malformed) and the launcher's checks reject the program."""
+    from pytest_amk.schedule import ALL_FUSIONS
+    from pytest_amk.validate import validate
+
+    op, name = key
+    progs = [_lowered("toy", fusion=[]), _lowered("toy", fusion=ALL_FUSIONS)]
+    prog = next(p for p in progs if any(t.op == op for t in p.tasks))
+    task = next(t for t in prog.tasks if t.op == op)
+    bad = copy.deepcopy(prog)
+    bid = task.params[name]
+    b = bad.buffers[bid]
+    other = ir.DType.FP16 if ir.FIXED_DTYPES[key] is not ir.DType.FP16 else ir.DType.FP32
+    bad.buffers[bid] = ir.Buffer(b.id, b.name, b.kind, other, b.shape)
+    assert check_program(prog) == [] and validate(prog, ir.get_target("h100")).ok
+    assert any(f"{name} is buffer" in e for e in check_program(bad)), check_program(bad)[:3]
+    res = validate(bad, ir.get_target("h100"))
+    assert not res.ok and any(e.code == "malformed" and name in e.message for e in res.errors), res.errors[:3]
+
+
+def test_gemv_input_dtype_follows_inp_blocks() -> None:
+    p = {"inp_blocks": 0}
+    assert ir.buffer_dtype("GEMV", "inp", p, ir.DType.BF16) is ir.DType.BF16
+    assert ir.buffer_dtype("GEMV", "inp", {"inp_blocks": 4}, ir.DType.BF16) is ir.DType.FP32
+    assert ir.buffer_dtype("GEMV", "weight", {"inp_blocks": 4}, ir.DType.BF16) is ir.DType.BF16
