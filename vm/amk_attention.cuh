@@ -1,7 +1,7 @@
 // The attention opcodes of the AMK VM: ROPE_APPEND, ATTN_PARTIAL, ROPE_ATTN_PARTIAL and
 // ATTN_COMBINE (the shared helpers and AmkCtx come from amk_ops.cuh, which includes this
 // file at its end). Same rules as every op: implement the doc of its OpSpec in
-// pytest_amk/ir.py, fp32 accumulation, KV read with plain (coherent) loads.
+// pytest_amk/ir.py, fp32 accumulation, KV read through L2 (coherent: plain loads, cp.async.cg).
 #pragma once
 
 // ---------------------------------------------------------------- attention
@@ -22,18 +22,19 @@ __device__ __forceinline__ void rope_pair(float x0, float x1, float cs, float sn
     y1 = add_rn(mul_rn(x1, cs), mul_rn(x0, sn));
 }
 
-// K and V rows [0, cn) of one head (from kp, vp) into shared memory, row stride D + AMK_KV_PAD,
-// except row ``skip`` (the position this task appends: its prologue writes that row itself).
-// Vector rows (D a multiple of AMK_VEC, 16-byte aligned) go by cp.async (sm_80+): every copy
-// of the chunk is in flight at once and holds no registers, so staging overlaps whatever
-// the block does next; the caller waits (stage_wait) before its barrier. A row of
-// D + AMK_KV_PAD elements is 16-byte aligned, and 8 consecutive rows put a given 16-byte
-// column in 8 distinct bank groups (the score loop reads 16 bytes per row and step).
-// The cache is written during the launch: the copies bypass L1 (.cg), as plain loads would
-// see other blocks' writes.
+// Whether K/V rows from kp, vp can be staged as 16-byte vectors.
 __device__ __forceinline__ bool kv_vec(const amk_t* kp, const amk_t* vp, int D) {
     return (D % AMK_VEC) == 0 && ((reinterpret_cast<uintptr_t>(kp) | reinterpret_cast<uintptr_t>(vp)) & 15) == 0;
 }
+
+// K and V rows [0, cn) of one head (from kp, vp) into shared memory, row stride D + AMK_KV_PAD,
+// except row ``skip`` (the position this task appends: its prologue writes that row itself).
+// Vector rows go by cp.async (sm_80+): every copy of the chunk is in flight at once and holds
+// no registers, so staging overlaps whatever the block does next; the caller waits
+// (stage_wait) before its barrier. A row of D + AMK_KV_PAD elements is 16-byte aligned, and
+// 8 consecutive rows put a given 16-byte column in 8 distinct bank groups (the score loop
+// reads 16 bytes per row and step). Other blocks write the cache during the launch: the
+// copies read through L2 (.cg, no L1), which sees their writes.
 
 __device__ __forceinline__ void stage_kv(const amk_t* kp, const amk_t* vp, int cn, int D, amk_t* ks, amk_t* vs, int skip) {
     const int RS = D + AMK_KV_PAD;
