@@ -36,3 +36,12 @@ def toy_search(directory: Path, text: str) -> Search:
         return pipeline.run_schedule(sf, s, device="cpu", steps=1)
 
     return Search(sf, sf.schedules[0], evaluate, SearchLog(directory / "log"), seed=1)
+
+
+def assert_input_error(code: int, err: str, *words: str) -> None:
+    """A CLI input error: exit code 2 and one stderr line holding every one of ``words``."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])

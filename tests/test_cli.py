@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import toy_toml
+from helpers import assert_input_error, toy_toml
 
 from pytest_amk.cli import main
 from pytest_amk.schedule import KNOBS
@@ -40,14 +40,6 @@ def amk(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, err
-
-
-def assert_input_error(code: int, err: str, *words: str) -> None:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 # -- doctor -------------------------------------------------------------------------------------

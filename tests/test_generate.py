@@ -18,6 +18,7 @@ import pytest
 # In-process pytester runs drop the modules a run imported; import C extensions (and the
 # pipeline with its caches) before any inner run, as tests/test_plugin.py does.
 import torch  # noqa: E402
+from helpers import assert_input_error
 
 from pytest_amk import generate as g  # noqa: E402
 from pytest_amk import pipeline, refvm  # noqa: E402
@@ -357,14 +358,6 @@ def test_cli_generate_verify_hf(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert code == 0 and "HF generate" in out and "verify: OK" in out
 
 
-def _input_error(code: int, err: str, *words: str) -> None:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-
-
 @pytest.mark.parametrize("args, words", [
     (("--prompt-ids", "1,x", "--max-tokens", "4"), ["--prompt-ids: 'x' is not an integer"]),
     (("--prompt-ids", "", "--max-tokens", "4"), ["--prompt-ids"]),
@@ -377,19 +370,19 @@ def _input_error(code: int, err: str, *words: str) -> None:
 def test_cli_generate_bad_input_exits_2(capsys: pytest.CaptureFixture[str], toy_file: Path,
                                         args: tuple[str, ...], words: list[str]) -> None:
     code, _, err = amk_cli(capsys, "generate", str(toy_file), *args)
-    _input_error(code, err, "amk generate: error:", *words)
+    assert_input_error(code, err, "amk generate: error:", *words)
 
 
 def test_cli_generate_missing_file_rejected_and_no_gpu(capsys: pytest.CaptureFixture[str], toy_file: Path) -> None:
     code, _, err = amk_cli(capsys, "generate", "missing.toml", "--prompt-ids", "1", "--max-tokens", "2")
-    _input_error(code, err, "missing.toml: cannot read")
+    assert_input_error(code, err, "missing.toml: cannot read")
     code, _, err = amk_cli(capsys, "generate", str(toy_file), "--schedule", "huge", "--prompt-ids", "1",
                            "--max-tokens", "2")
     assert code == 1 and err.startswith("amk generate: REJECTED ") and "threads_per_block" in err
     if not torch.cuda.is_available():
         code, _, err = amk_cli(capsys, "generate", str(toy_file), "--prompt-ids", "1", "--max-tokens", "2",
                                "--device", "cuda")
-        _input_error(code, err, "no usable GPU")
+        assert_input_error(code, err, "no usable GPU")
 
 
 # -- the megakernel (skipped without a usable GPU) -----------------------------------------------
