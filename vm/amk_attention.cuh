@@ -169,7 +169,8 @@ __device__ void attn_block(const AmkCtx& c, int o, int n) {
         for (int idx = threadIdx.x; idx < rep * D; idx += AMK_THREADS) {
             const int hl = idx / D, d = idx - hl * D;
             const float* e = sm + o_sc + hl * CH;
-            // Independent sums: the loop is bound by shared-memory latency, not FMAs.
+            // Independent sums: the loop is bound by shared-memory latency, not FMAs. With one way
+            // the plain loop stays (the general form spilled in the fp32 1024-thread build).
             const amk_t* v = vs + d;
             float a = 0.0f;
             if (AMK_PV_WAYS == 1) {
