@@ -9,6 +9,8 @@
 #define AMK_KV_PAD (16 / (int)sizeof(amk_t))  // ir.kv_pad: staged K/V rows are padded by 16 bytes
 
 constexpr int AMK_SCORE_UNROLL = AMK_THREADS >= 1024 ? 1 : 2;  // the 1024-thread build has 64 registers
+// attn_prewait runs on the warps besides the poller's; the 1024-thread build (64 registers) spills with it.
+constexpr bool AMK_ATTN_PREWAIT = AMK_THREADS > 32 && AMK_THREADS < 1024;
 constexpr int AMK_PV_WAYS = AMK_THREADS >= 1024 ? (AMK_DTYPE == 0 ? 1 : 2) : 4;  // independent P.V sums (same)
 
 // ir.attn_chunk: positions of a KV block staged in shared memory at once.
@@ -36,12 +38,14 @@ __device__ __forceinline__ bool kv_vec(const amk_t* kp, const amk_t* vp, int D) 
 // reads 16 bytes per row and step). Other blocks write the cache during the launch: the
 // copies read through L2 (.cg, no L1), which sees their writes.
 
-__device__ __forceinline__ void stage_kv(const amk_t* kp, const amk_t* vp, int cn, int D, amk_t* ks, amk_t* vs, int skip) {
+// t, nt: this thread's index among the nt threads that share the copies.
+__device__ __forceinline__ void stage_kv(const amk_t* kp, const amk_t* vp, int cn, int D, amk_t* ks, amk_t* vs, int skip,
+                                         int t, int nt) {
     const int RS = D + AMK_KV_PAD;
     if (kv_vec(kp, vp, D)) {
         const int per_row = D / AMK_VEC;
 #pragma unroll 1
-        for (int idx = threadIdx.x; idx < cn * per_row; idx += AMK_THREADS) {
+        for (int idx = t; idx < cn * per_row; idx += nt) {
             const int row = idx / per_row, col = (idx - row * per_row) * AMK_VEC;
             if (row == skip) continue;
             const size_t g = (size_t)row * D + col;
@@ -57,7 +61,7 @@ __device__ __forceinline__ void stage_kv(const amk_t* kp, const amk_t* vp, int c
 #endif
         }
     } else {
-        for (int i = threadIdx.x; i < cn * D; i += AMK_THREADS) {
+        for (int i = t; i < cn * D; i += nt) {
             const int row = i / D, col = i - row * D;
             if (row == skip) continue;
             ks[row * RS + col] = kp[i];
@@ -118,7 +122,7 @@ __device__ void attn_block(const AmkCtx& c, int o, int n) {
         const int cn = min(CH, n - c0);
         const int RS = D + AMK_KV_PAD;
         if (c0 > 0) {  // chunk 0 was staged by the prologue; later chunks hold no new row
-            stage_kv(kp + (size_t)c0 * D, vp + (size_t)c0 * D, cn, D, ks, ks + CH * RS, -1);
+            stage_kv(kp + (size_t)c0 * D, vp + (size_t)c0 * D, cn, D, ks, ks + CH * RS, -1, threadIdx.x, AMK_THREADS);
             stage_wait();
             __syncthreads();
         }
@@ -241,6 +245,39 @@ __device__ void op_rope_append(const AmkCtx& c) {
     for (int d = threadIdx.x; d < D; d += AMK_THREADS) vdst[d] = vsrc[d];
 }
 
+// ROPE_ATTN_PARTIAL, before its wait (the VM runs this on threads 32.. while thread 0 polls):
+// what does not depend on this step's qkv. The runtime inputs (into c.att_in), the block's
+// first KV chunk (cp.async, except the row this step appends: cached rows are only written
+// by earlier steps, which happen-before this one) and the RoPE row of pos (fp32, into the
+// o accumulators' place, unused until P.V). op_attention then starts at q.
+__device__ void attn_prewait(const AmkCtx& c) {
+    constexpr int o = P_ROPE_ATTN_PARTIAL_KV_HEAD - P_ATTN_PARTIAL_KV_HEAD;
+    const int* ins = c.ins;
+    const int L = amk_buf<const int>(c, P_ROPE_ATTN_PARTIAL_SEQ_LEN)[0];
+    const int pos = amk_buf<const int>(c, P_ROPE_ATTN_PARTIAL_POS)[0];
+    const int t = threadIdx.x - 32, nt = AMK_THREADS - 32;
+    if (t == 0) {
+        c.att_in[0] = L;
+        c.att_in[1] = pos;
+    }
+    const int ms = ins[P_ATTN_PARTIAL_MAX_SEQ + o];
+    if (L < 0 || L > ms || pos < 0 || pos >= ms) return;  // op_attention raises the fault
+    const int g = ins[P_ATTN_PARTIAL_KV_HEAD + o], D = ins[P_ATTN_PARTIAL_HEAD_DIM + o];
+    const int rep = ins[P_ATTN_PARTIAL_N_HEADS + o] / ins[P_ATTN_PARTIAL_N_KV_HEADS + o];
+    const int blk = ins[P_ATTN_PARTIAL_BLK + o], kb = ins[P_ATTN_PARTIAL_KV_BLOCK + o];
+    const int n = min(L, blk * kb + kb) - blk * kb;
+    if (n <= 0) return;
+    const int CH = attn_chunk(kb, D);
+    const int row = blk * kb <= pos && pos < (blk + 1) * kb ? pos - blk * kb : -1;
+    amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
+    const size_t kv0 = ((size_t)g * ms + (size_t)blk * kb) * D;
+    stage_kv(amk_buf<const amk_t>(c, P_ROPE_ATTN_PARTIAL_K_CACHE) + kv0,
+             amk_buf<const amk_t>(c, P_ROPE_ATTN_PARTIAL_V_CACHE) + kv0, min(CH, n), D, ks,
+             ks + CH * (D + AMK_KV_PAD), row, t, nt);
+    const float* rt = amk_buf<const float>(c, P_ROPE_ATTN_PARTIAL_ROPE) + (size_t)pos * D;
+    for (int j = t; j < D; j += nt) c.smem[rep * D + j] = rt[j];
+}
+
 // ATTN_PARTIAL and ROPE_ATTN_PARTIAL share one call of attn_block (inlined once: the
 // 1024-thread build has 64 registers). Critical path: one round trip for the runtime inputs
 // (seq_len, pos), then one for q (and the rope table) with the block's first KV chunk in
@@ -262,9 +299,11 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
         const int rep = nh / ins[P_ATTN_PARTIAL_N_KV_HEADS + o];
         const int blk = ins[P_ATTN_PARTIAL_BLK + o], kb = ins[P_ATTN_PARTIAL_KV_BLOCK + o];
         const int op = fused ? OP_ROPE_ATTN_PARTIAL : OP_ATTN_PARTIAL;
+        const bool pre = fused && c.att_pre;  // attn_prewait ran: inputs, chunk 0 and the RoPE row are here
         // Both runtime inputs in one round trip.
-        const int L = amk_buf<const int>(c, fused ? P_ROPE_ATTN_PARTIAL_SEQ_LEN : P_ATTN_PARTIAL_SEQ_LEN)[0];
-        const int pos = fused ? amk_buf<const int>(c, P_ROPE_ATTN_PARTIAL_POS)[0] : 0;
+        const int L = pre ? c.att_in[0]
+                          : amk_buf<const int>(c, fused ? P_ROPE_ATTN_PARTIAL_SEQ_LEN : P_ATTN_PARTIAL_SEQ_LEN)[0];
+        const int pos = pre ? c.att_in[1] : fused ? amk_buf<const int>(c, P_ROPE_ATTN_PARTIAL_POS)[0] : 0;
         if (L < 0 || L > ms) {
             if (threadIdx.x == 0) raise_fault(c.err, AMK_FAULT_BAD_INPUT, c.sm, c.instr, op, -1, L, ms, 2);
             return;
@@ -288,11 +327,11 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
         const bool append = fused && blk * kb <= pos && pos < (blk + 1) * kb;
         const int row = append ? pos - blk * kb : -1;  // the appended row, relative to the block
         amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
-        {
+        if (!pre) {
             const size_t kv0 = ((size_t)g * ms + (size_t)blk * kb) * D;
             const amk_t* kc = amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_K_CACHE : P_ATTN_PARTIAL_K_CACHE);
             const amk_t* vc = amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_V_CACHE : P_ATTN_PARTIAL_V_CACHE);
-            stage_kv(kc + kv0, vc + kv0, min(CH, n), D, ks, ks + CH * (D + AMK_KV_PAD), row);
+            stage_kv(kc + kv0, vc + kv0, min(CH, n), D, ks, ks + CH * (D + AMK_KV_PAD), row, threadIdx.x, AMK_THREADS);
         }
         float* qs = c.smem;
         if (!fused) {
@@ -300,7 +339,8 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
             for (int idx = threadIdx.x; idx < rep * D; idx += AMK_THREADS) qs[idx] = to_f(q[(size_t)g * rep * D + idx]);
         } else {
             const amk_t* qkv = amk_buf<const amk_t>(c, P_ROPE_ATTN_PARTIAL_QKV);
-            const float* rt = amk_buf<const float>(c, P_ROPE_ATTN_PARTIAL_ROPE) + (size_t)pos * D;  // [D/2][cos, sin]
+            // [D/2][cos, sin]: staged in shared memory by attn_prewait, else from the table
+            const float* rt = pre ? c.smem + rep * D : amk_buf<const float>(c, P_ROPE_ATTN_PARTIAL_ROPE) + (size_t)pos * D;
             const int half = D / 2;
             const size_t at = ((size_t)g * ms + pos) * D;
             // The row in chunk 0 as a 32-bit shared address (0: none); fewer registers than a pointer.

@@ -17,6 +17,8 @@ struct AmkCtx {
     int* err;            // error record
     int sm;
     int instr;
+    int* att_in;   // shared (seq_len, pos) of a fused attention task, written by attn_prewait
+    bool att_pre;  // attn_prewait ran for this instruction
 };
 
 template <class P>
@@ -107,11 +109,36 @@ __device__ void op_rmsnorm(const AmkCtx& c) {
 #define AMK_NORM_REGS 8
 
 // ATTN_COMBINE of element d of one head from its nb partial rows (m, l, o[0:D]) of ``stride`` floats.
+// Up to AMK_COMBINE_REGS blocks, every (m, l, o[d]) is loaded at once (one round trip; an empty
+// block's o is the zeros its task wrote, loaded and never used); more blocks take two passes.
+#ifndef AMK_COMBINE_REGS
+#define AMK_COMBINE_REGS 8
+#endif
 __device__ __forceinline__ float combine_elem(const float* rows, int nb, int stride, int d) {
-    float M = neg_inf();
+    float M = neg_inf(), num = 0.0f, den = 0.0f;
+    if (nb <= AMK_COMBINE_REGS) {
+        float m[AMK_COMBINE_REGS], l[AMK_COMBINE_REGS], o[AMK_COMBINE_REGS];
+#pragma unroll
+        for (int b = 0; b < AMK_COMBINE_REGS; ++b) {
+            const bool in = b < nb;
+            m[b] = in ? rows[b * stride] : 0.0f;
+            l[b] = in ? rows[b * stride + 1] : 0.0f;
+            o[b] = in ? rows[b * stride + 2 + d] : 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < AMK_COMBINE_REGS; ++b)
+            if (l[b] > 0.0f) M = fmaxf(M, m[b]);
+#pragma unroll
+        for (int b = 0; b < AMK_COMBINE_REGS; ++b) {
+            if (!(l[b] > 0.0f)) continue;  // empty blocks (and b >= nb, l = 0) are skipped
+            const float e = expf(m[b] - M);
+            num = fmaf(e, o[b], num);
+            den = fmaf(e, l[b], den);
+        }
+        return den > 0.0f ? num / den : 0.0f;
+    }
     for (int b = 0; b < nb; ++b)
         if (rows[b * stride + 1] > 0.0f) M = fmaxf(M, rows[b * stride]);
-    float num = 0.0f, den = 0.0f;
     for (int b = 0; b < nb; ++b) {
         const float l = rows[b * stride + 1];
         if (!(l > 0.0f)) continue;  // empty blocks are skipped (their o is never read)

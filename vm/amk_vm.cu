@@ -123,6 +123,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
     __shared__ int s_ins[2][AMK_INSTR_WORDS];
     __shared__ float s_red[AMK_WARPS];
     __shared__ int s_stop;
+    __shared__ int s_att[2];
 
     const int sm = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int q0 = queue_start[sm], n = queue_len[sm];
@@ -143,6 +144,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
     ctx.red = s_red;
     ctx.err = error_record;
     ctx.sm = sm;
+    ctx.att_in = s_att;
 
     // i: position in the queue, s: step, par: which s_ins slot holds instruction i.
     for (int i = 0, s = 0, par = 0;; par ^= 1) {
@@ -158,6 +160,12 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
 #endif
         AMK_TRACE_POINT(gi, 0);
+        ctx.ins = cur;
+        ctx.instr = gi;
+        // A fused attention task stages its inputs that do not depend on this step while thread 0
+        // polls (not before a later step's barrier: the runtime inputs change between steps).
+        ctx.att_pre = AMK_ATTN_PREWAIT && cur[AMK_W_OP] == OP_ROPE_ATTN_PARTIAL && (i > 0 || s == 0);
+        if (ctx.att_pre && warp > 0) attn_prewait(ctx);
         if (tid == 0) {
             // Step barrier: step s - 1's ARGMAX (after every task of that step) has signalled.
             long long t0 = -1;
@@ -173,8 +181,6 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         if (s_stop) return;
         AMK_TRACE_POINT(gi, 1);
         const int op = cur[AMK_W_OP], sig = cur[AMK_W_SIGNAL];
-        ctx.ins = cur;
-        ctx.instr = gi;
         switch (op) {
             case OP_NOP: break;
             case OP_EMBED: op_embed(ctx); break;
