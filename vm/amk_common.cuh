@@ -124,6 +124,33 @@ __device__ __forceinline__ float vdot(uint4 w, const float* x, float acc) {
     return acc;
 }
 
+// The AMK_VEC model-dtype elements of a 16-byte vector, in fp32, to 16-byte aligned x.
+__device__ __forceinline__ void unpack_vec(uint4 w, float* x) {
+#if AMK_DTYPE == 0
+    *reinterpret_cast<uint4*>(x) = w;
+#else
+    float f[8];
+#if AMK_DTYPE == 1
+    const __half2* h = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 t = __half22float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+#else
+    const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(u[i] << 16);
+        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+#endif
+    *reinterpret_cast<float4*>(x) = make_float4(f[0], f[1], f[2], f[3]);
+    *reinterpret_cast<float4*>(x + 4) = make_float4(f[4], f[5], f[6], f[7]);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

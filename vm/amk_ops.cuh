@@ -107,6 +107,8 @@ __device__ void op_rmsnorm(const AmkCtx& c) {
 // One pass over inp (kept in smem for the normalisation); the norm weights, which do
 // not depend on activations, are loaded into registers before the activations.
 #define AMK_NORM_REGS 8
+// 16-byte input vectors in flight per thread when a GEMV stages its input without a norm (0: none).
+#define AMK_STAGE_VECS (AMK_DTYPE != 0 && AMK_THREADS < 1024 ? 2 : 0)
 
 // ATTN_COMBINE of element d of one head from its nb partial rows (m, l, o[0:D]) of ``stride`` floats.
 // Up to AMK_COMBINE_REGS blocks, every (m, l, o[d]) is loaded at once (one round trip; an empty
@@ -147,6 +149,28 @@ __device__ __forceinline__ float combine_elem(const float* rows, int nb, int str
         den = fmaf(s, l, den);
     }
     return den > 0.0f ? num / den : 0.0f;
+}
+
+// x[0:8 nv] = the nv 16-byte vectors at src, in fp32: AMK_STAGE_VECS loads per thread issued
+// before any is used, so one round trip for k up to AMK_STAGE_VECS * AMK_VEC * AMK_THREADS (the
+// down projection's 8192 at 512 threads). Through L2 (.cg): other blocks wrote the input during
+// this launch. The fp32 and 1024-thread builds stage element by element (their registers are
+// too few: ptxas spilled with this inlined, and a call spills around it).
+__device__ __forceinline__ void stage_vectors(const uint4* src, int nv, float* x) {
+#pragma unroll 1
+    for (int v0 = threadIdx.x; v0 < nv; v0 += AMK_STAGE_VECS * AMK_THREADS) {
+        uint4 q[AMK_STAGE_VECS > 0 ? AMK_STAGE_VECS : 1];
+#pragma unroll
+        for (int r = 0; r < AMK_STAGE_VECS; ++r) {
+            const int v = v0 + r * AMK_THREADS;
+            if (v < nv) q[r] = __ldcg(src + v);
+        }
+#pragma unroll
+        for (int r = 0; r < AMK_STAGE_VECS; ++r) {
+            const int v = v0 + r * AMK_THREADS;
+            if (v < nv) unpack_vec(q[r], x + v * AMK_VEC);
+        }
+    }
 }
 
 __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_id, float eps, int inp_blocks,
@@ -234,6 +258,8 @@ __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_i
             const float r = 1.0f / sqrtf(block_sum(ss, c.red) / (float)k + eps);
             for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = norm_elem(x[j], r, ld_weight1(nw + j));
         }
+    } else if (AMK_STAGE_VECS > 0 && k % AMK_VEC == 0 && (reinterpret_cast<uintptr_t>(inp) & 15u) == 0) {
+        stage_vectors(reinterpret_cast<const uint4*>(inp), k / AMK_VEC, x);
     } else {
         for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = to_f(inp[j]);
     }
