@@ -403,9 +403,17 @@ class GpuRunner:
         With ``flush_l2`` a buffer twice the L2 size is overwritten before each launch
         (outside the timed region), so weights come from HBM as in a real decode.
         """
+        self.run_step(token, pos)  # faults surface here, before any timing
+        samples = self._timed_launches(1, warmup, iters, flush_l2)
+        return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
+
+    def _timed_launches(self, steps: int, warmup: int, iters: int, flush_l2: bool,
+                        inputs: tuple[int, int] | None = None) -> list[float]:
+        """Microseconds of ``iters`` launches of ``steps`` steps (CUDA events around each) after
+        ``warmup``. Outside each timed region: ``inputs`` (token, pos) rewritten (a K-step launch
+        advances them in place), the L2 flushed with ``flush_l2``, the counters reset. Checks faults."""
         import torch
 
-        self.run_step(token, pos)  # faults surface here, before any timing
         flush = torch.empty(2 * self.dev.l2_bytes, dtype=torch.uint8, device=f"cuda:{self.dev.index}") \
             if flush_l2 else None
         from pytest_amk.devices import exclusive_gpu
@@ -413,17 +421,18 @@ class GpuRunner:
         events = []
         with exclusive_gpu():  # never timed while another worker's timed region shares this GPU
             for _ in range(warmup + iters):
+                if inputs is not None:
+                    self.set_inputs(*inputs)
                 if flush is not None:
                     flush.fill_(1)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self._reset()
                 start.record()
-                self._launch_raw()
+                self._launch_raw(steps)
                 end.record()
                 events.append((start, end))
             self.check()
-        samples = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
-        return Timing(statistics.median(samples), samples, self.dev.name, flush_l2)
+        return [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
 
     # -- K tokens in one launch (pytest_amk/multistep.py, vm/amk_vm.cu) ----------------------
     def step_plan(self) -> Any:
@@ -467,31 +476,12 @@ class GpuRunner:
         """Per-token latency of a K-token launch: the median over ``iters`` launches (CUDA events
         around each launch, after ``warmup``) divided by ``k``; ``extra["launch_us"]`` is the
         launch. Inputs are rewritten and the L2 flushed (``flush_l2``) outside the timed region."""
-        import torch
-
         self.run_tokens(token, pos, k)  # proof and faults surface here, before any timing
         if k == 1:
             t = self.time_step(token, pos, warmup=warmup, iters=iters, flush_l2=flush_l2)
             t.extra.update(k=1, launch_us=t.median_us)
             return t
-        flush = torch.empty(2 * self.dev.l2_bytes, dtype=torch.uint8, device=f"cuda:{self.dev.index}") \
-            if flush_l2 else None
-        from pytest_amk.devices import exclusive_gpu
-
-        events = []
-        with exclusive_gpu():
-            for _ in range(warmup + iters):
-                self.set_inputs(token, pos)  # the K-step launch advanced them in place
-                if flush is not None:
-                    flush.fill_(1)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                self._reset()
-                start.record()
-                self._launch_raw(k)
-                end.record()
-                events.append((start, end))
-            self.check()
-        launches = [1000.0 * s.elapsed_time(e) for s, e in events[warmup:]]
+        launches = self._timed_launches(k, warmup, iters, flush_l2, inputs=(token, pos))
         med = statistics.median(launches)
         return Timing(med / k, [x / k for x in launches], self.dev.name, flush_l2,
                       {"k": k, "launch_us": med, "launch_samples_us": launches})
