@@ -113,9 +113,7 @@ __device__ void op_rmsnorm(const AmkCtx& c) {
 // ATTN_COMBINE of element d of one head from its nb partial rows (m, l, o[0:D]) of ``stride`` floats.
 // Up to AMK_COMBINE_REGS blocks, every (m, l, o[d]) is loaded at once (one round trip; an empty
 // block's o is the zeros its task wrote, loaded and never used); more blocks take two passes.
-#ifndef AMK_COMBINE_REGS
 #define AMK_COMBINE_REGS 8
-#endif
 __device__ __forceinline__ float combine_elem(const float* rows, int nb, int stride, int d) {
     float M = neg_inf(), num = 0.0f, den = 0.0f;
     if (nb <= AMK_COMBINE_REGS) {
