@@ -56,6 +56,33 @@ def test_vm_builds_without_spills(vm_cache: Path, arch: str, dtype: str, threads
     assert r.registers * threads <= 65536, f"{r.registers} registers x {threads} threads"
 
 
+def _shipped_builds() -> list[tuple[str, str, int, int]]:
+    """(arch, dtype, threads, pipelining) of every passing schedule under schedules/."""
+    from pytest_amk.schedule import parse_file
+
+    out = set()
+    for path in sorted((Path(__file__).resolve().parent.parent / "schedules").glob("*.toml")):
+        sf = parse_file(path)
+        for s in sf.schedules:
+            if s.expect.outcome == "pass":
+                out.add((ir.get_target(sf.gpu).arch, sf.model.dtype, s.knobs["threads_per_block"],
+                         s.knobs["pipelining_depth"]))
+    return sorted(out)
+
+
+@needs_nvcc
+@pytest.mark.parametrize(("arch", "dtype", "threads", "pipe"), _shipped_builds(),
+                         ids=[f"{a}-{d}-t{t}-p{p}" for a, d, t, p in _shipped_builds()])
+def test_shipped_schedules_build_without_spills(vm_cache: Path, arch: str, dtype: str, threads: int,
+                                                pipe: int) -> None:
+    """The builds the shipped schedules run (ptxas allocates each (threads, pipelining) on its
+    own: bf16 at 512 threads spilled at pipelining 4 but not at the cap of 5)."""
+    if not _arch_supported(arch):
+        pytest.skip(f"{NVCC} cannot target {arch}")
+    r = build.build_cubin(build.BuildConfig(dtype, threads, pipe, arch), cache=vm_cache).report
+    assert (r.spill_stores, r.spill_loads, r.stack_frame) == (0, 0, 0), f"spills: {r}"
+
+
 @needs_nvcc
 def test_build_cache_is_keyed_on_config(vm_cache: Path) -> None:
     cfg = build.BuildConfig("bf16", 256, 2, "sm_90")
@@ -177,7 +204,42 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
             assert not pf[i, 1].any()
         seen.add(act)
     assert seen == {True, False}, "the toy program has both kinds of weight task"
+    assert not pf[:, 2:].any(), "no lookahead unless asked for"
     assert not prefetch_table(prog, order, ptrs, 0).any()
+
+
+def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
+    """A big task's lookahead ranges sit in an earlier instruction of its own queue, at least two
+    past the big task before it and at most three; they cover the start of its weight ranges and
+    its own slots continue where they end."""
+    np = pytest.importorskip("numpy")
+    from pytest_amk.gpu.runtime import _weight_ranges, prefetch_table
+
+    prog = _lowered("toy")
+    order = [t for q in prog.queues() for t in q]
+    ptrs = np.array([(1 << 32) + (b.id << 24) for b in prog.buffers], dtype=np.int64)
+    nbytes = [sum(e - s for s, e in _weight_ranges(prog, t, ptrs)) for t in order]
+    big = sorted(nbytes)[len(nbytes) * 3 // 4]  # the largest quarter of the tasks count as big
+    la, cap = 1024, 512
+    pf = prefetch_table(prog, order, ptrs, cap, la, big)
+    found = 0
+    for sm in {t.sm for t in order}:
+        q = [i for i, t in enumerate(order) if t.sm == sm]
+        bigs = [p for p, i in enumerate(q) if nbytes[i] >= big]
+        for p, i in enumerate(q):
+            if not pf[i, 2:].any():
+                continue
+            nxt = min(b for b in bigs if b > p)  # the big task it serves: the next one
+            prev = max((b for b in bigs if b < nxt), default=-1)
+            assert prev + 2 <= p <= prev + 3 and p < nxt, (sm, p, prev, nxt)
+            target = q[nxt]
+            for r, (start, end) in enumerate(_weight_ranges(prog, order[target], ptrs)):
+                a, n = (int(v) for v in pf[i, 2 + r])
+                assert a == start and 0 < n <= la and a + n <= end
+                own_a, own_n = (int(v) for v in pf[target, r])
+                assert own_a == a + n or (own_n == 0 and a + n == end)
+            found += 1
+    assert found > 0, "no lookahead in the toy program: the test checks nothing"
 
 
 @pytest.mark.parametrize("key", sorted(ir.FIXED_DTYPES), ids=lambda k: f"{k[0]}.{k[1]}")

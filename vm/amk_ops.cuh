@@ -108,7 +108,9 @@ __device__ void op_rmsnorm(const AmkCtx& c) {
 // not depend on activations, are loaded into registers before the activations.
 #define AMK_NORM_REGS 8
 // 16-byte input vectors in flight per thread when a GEMV stages its input without a norm (0: none).
-#define AMK_STAGE_VECS (AMK_DTYPE != 0 && AMK_THREADS < 1024 ? 2 : 0)
+// One: with two, the bf16 build of 512 threads and pipelining 4 spilled 16 bytes, and one measured
+// 3 us faster on the H100 (1106.3 vs 1109.5 us) though the down input then takes two round trips.
+#define AMK_STAGE_VECS (AMK_DTYPE != 0 && AMK_THREADS < 1024 ? 1 : 0)
 
 // ATTN_COMBINE of element d of one head from its nb partial rows (m, l, o[0:D]) of ``stride`` floats.
 // Up to AMK_COMBINE_REGS blocks, every (m, l, o[d]) is loaded at once (one round trip; an empty
@@ -150,9 +152,8 @@ __device__ __forceinline__ float combine_elem(const float* rows, int nb, int str
 }
 
 // x[0:8 nv] = the nv 16-byte vectors at src, in fp32: AMK_STAGE_VECS loads per thread issued
-// before any is used, so one round trip for k up to AMK_STAGE_VECS * AMK_VEC * AMK_THREADS (the
-// down projection's 8192 at 512 threads). Through L2 (.cg): other blocks wrote the input during
-// this launch. The fp32 and 1024-thread builds stage element by element (their registers are
+// before any is used, so one round trip per AMK_STAGE_VECS * AMK_VEC * AMK_THREADS elements.
+// Through L2 (.cg): other blocks wrote the input during this launch. The fp32 and 1024-thread builds stage element by element (their registers are
 // too few: ptxas spilled with this inlined, and a call spills around it).
 __device__ __forceinline__ void stage_vectors(const uint4* src, int nv, float* x) {
 #pragma unroll 1
