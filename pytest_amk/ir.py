@@ -32,6 +32,9 @@ NO_BUFFER = -1
 MAX_HEAD_DIM = 256  # the VM keeps a key row per lane group in registers
 # Attention stages its KV block in shared memory in chunks of at most this many bytes (K and V).
 ATTN_CHUNK_BYTES = 32 << 10
+# L2 prefetch ranges per instruction (the host's table, the VM's loop): two of its own weight
+# ranges (gate and up of a SiLU-mul GEMV) and two of a later instruction's (lookahead).
+PREFETCH_RANGES = 4
 # The opcodes that take head_dim and max_seq params (RoPE and attention over the KV cache).
 HEAD_OPS = ("ROPE_APPEND", "ATTN_PARTIAL", "ROPE_ATTN_PARTIAL")
 
@@ -446,6 +449,7 @@ def cuda_header() -> str:
         f"#define AMK_NO_BUFFER ({NO_BUFFER})",
         f"#define AMK_MAX_HEAD_DIM {MAX_HEAD_DIM}",
         f"#define AMK_ATTN_CHUNK_BYTES {ATTN_CHUNK_BYTES}",
+        f"#define AMK_PF_RANGES {PREFETCH_RANGES}",
     ]
     for op in OPS:
         lines.append(f"#define OP_{op.name} {op.code}")

@@ -8,6 +8,9 @@ stage's first ready task (the sync cost), and the weight bandwidth over the span
 
     bash .device/run.sh python3 tools/trace_vm.py --model llama-3.2-1b-shape \
         --knobs threads_per_block=512,pipelining_depth=8 [--pos 15] [--variants name:k=v;...]
+
+A variant's prefetch_bytes and lookahead_bytes go to the GpuRunner, build_* keys to the build,
+the rest to the lowering.
 """
 
 from __future__ import annotations
@@ -123,13 +126,16 @@ def main() -> int:
     weights = None
     results = {}
     for name, kn in variants:
-        lower_kn = {k: v for k, v in (base | kn).items() if not k.startswith("build_") and k != "prefetch_bytes"}
+        runner_keys = ("prefetch_bytes", "lookahead_bytes")
+        lower_kn = {k: v for k, v in (base | kn).items() if not k.startswith("build_") and k not in runner_keys}
         prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **lower_kn)
         if weights is None:
             weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
         bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
         pf = kn.pop("prefetch_bytes", args.prefetch)
         extra: dict[str, Any] = {} if pf is None else {"prefetch_bytes": int(pf)}
+        if "lookahead_bytes" in kn:
+            extra["lookahead_bytes"] = int(kn.pop("lookahead_bytes"))
 
         def as_build(k: str, v: Any) -> Any:
             return bool(v) if k == "prefetch_late" else v

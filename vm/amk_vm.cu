@@ -91,11 +91,12 @@ __device__ __noinline__ void advance_inputs(void* const* bufs, const int* ins, i
 }
 
 // Start streaming an instruction's weight rows into L2 before its dependencies
-// are met (weights never depend on activations). ``pf`` = {addr, bytes} x 2
-// per instruction, computed by the host; bytes == 0 means none. One warp.
+// are met (weights never depend on activations). ``pf`` = {addr, bytes} x AMK_PF_RANGES
+// per instruction, computed by the host (pytest_amk/gpu/runtime.py prefetch_table: the
+// instruction's own first bytes, then a later one's); bytes == 0 means none. One warp.
 __device__ __forceinline__ void prefetch_weights(const longlong2* pf, int lane) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < AMK_PF_RANGES; ++r) {
         const longlong2 e = pf[r];
         if (e.y <= 0) continue;
 #if __CUDA_ARCH__ >= 900
@@ -135,7 +136,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
     float* scratch = reinterpret_cast<float*>(amk_dyn) + ((num_buffers * 8 + 15) / 16) * 4;
 
     if (tid < AMK_INSTR_WORDS) s_ins[0][tid] = __ldg(instrs + (size_t)q0 * AMK_INSTR_WORDS + tid);
-    if (warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)q0, lane);
+    if (warp == AMK_PF_WARP) prefetch_weights(prefetch + AMK_PF_RANGES * (size_t)q0, lane);
     __syncthreads();
 
     AmkCtx ctx;
@@ -157,7 +158,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         int next_word = 0;
         if (has_next && tid < AMK_INSTR_WORDS) next_word = __ldg(instrs + (size_t)ngi * AMK_INSTR_WORDS + tid);
 #if !AMK_PF_LATE
-        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
+        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + AMK_PF_RANGES * (size_t)ngi, lane);
 #endif
         AMK_TRACE_POINT(gi, 0);
         ctx.ins = cur;
@@ -208,7 +209,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         // Start the next instruction's weights into L2 now that this op is done: they stream
         // while this block waits for its dependencies, when HBM would otherwise idle (issued
         // earlier, a long op's own stream evicts them again).
-        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + 2 * (size_t)ngi, lane);
+        if (has_next && warp == AMK_PF_WARP) prefetch_weights(prefetch + AMK_PF_RANGES * (size_t)ngi, lane);
 #endif
         if (tid == 0 && sig >= 0) {
             // Release: every thread's writes (ordered before this by the barrier) are visible
