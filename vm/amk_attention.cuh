@@ -92,6 +92,22 @@ __device__ __forceinline__ int attn_kv_offset(int rep, int D, int CH) {
     return (2 * rep * D + rep * CH + 3 * rep + 3) & ~3;
 }
 
+// Chunk 0 of the task's K and V block into shared memory (its n positions, at most one chunk),
+// without row ``skip``: shared by attn_prewait (threads t of nt) and op_attention.
+__device__ __forceinline__ void stage_first_chunk(const AmkCtx& c, int o, bool fused, int n, int skip, int t,
+                                                  int nt) {
+    const int* ins = c.ins;
+    const int kb = ins[P_ATTN_PARTIAL_KV_BLOCK + o], D = ins[P_ATTN_PARTIAL_HEAD_DIM + o];
+    const int rep = ins[P_ATTN_PARTIAL_N_HEADS + o] / ins[P_ATTN_PARTIAL_N_KV_HEADS + o];
+    const int CH = attn_chunk(kb, D);
+    const size_t kv0 = ((size_t)ins[P_ATTN_PARTIAL_KV_HEAD + o] * ins[P_ATTN_PARTIAL_MAX_SEQ + o] +
+                        (size_t)ins[P_ATTN_PARTIAL_BLK + o] * kb) * D;
+    amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
+    stage_kv(amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_K_CACHE : P_ATTN_PARTIAL_K_CACHE) + kv0,
+             amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_V_CACHE : P_ATTN_PARTIAL_V_CACHE) + kv0,
+             min(CH, n), D, ks, ks + CH * (D + AMK_KV_PAD), skip, t, nt);
+}
+
 // Split-KV attention over one block of kv head g for its rep q heads (q already staged in
 // fp32 at c.smem[0 : rep*D]) over its n > 0 positions; chunk 0 is already staged (and
 // published by the caller's barrier). Writes (m, l, o[0:D]) per head to the partials. The
@@ -262,18 +278,12 @@ __device__ void attn_prewait(const AmkCtx& c) {
     }
     const int ms = ins[P_ATTN_PARTIAL_MAX_SEQ + o];
     if (L < 0 || L > ms || pos < 0 || pos >= ms) return;  // op_attention raises the fault
-    const int g = ins[P_ATTN_PARTIAL_KV_HEAD + o], D = ins[P_ATTN_PARTIAL_HEAD_DIM + o];
+    const int D = ins[P_ATTN_PARTIAL_HEAD_DIM + o];
     const int rep = ins[P_ATTN_PARTIAL_N_HEADS + o] / ins[P_ATTN_PARTIAL_N_KV_HEADS + o];
     const int blk = ins[P_ATTN_PARTIAL_BLK + o], kb = ins[P_ATTN_PARTIAL_KV_BLOCK + o];
     const int n = min(L, blk * kb + kb) - blk * kb;
     if (n <= 0) return;
-    const int CH = attn_chunk(kb, D);
-    const int row = blk * kb <= pos && pos < (blk + 1) * kb ? pos - blk * kb : -1;
-    amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
-    const size_t kv0 = ((size_t)g * ms + (size_t)blk * kb) * D;
-    stage_kv(amk_buf<const amk_t>(c, P_ROPE_ATTN_PARTIAL_K_CACHE) + kv0,
-             amk_buf<const amk_t>(c, P_ROPE_ATTN_PARTIAL_V_CACHE) + kv0, min(CH, n), D, ks,
-             ks + CH * (D + AMK_KV_PAD), row, t, nt);
+    stage_first_chunk(c, o, true, n, blk * kb <= pos && pos < (blk + 1) * kb ? pos - blk * kb : -1, t, nt);
     const float* rt = amk_buf<const float>(c, P_ROPE_ATTN_PARTIAL_ROPE) + (size_t)pos * D;
     for (int j = t; j < D; j += nt) c.smem[rep * D + j] = rt[j];
 }
@@ -327,12 +337,7 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
         const bool append = fused && blk * kb <= pos && pos < (blk + 1) * kb;
         const int row = append ? pos - blk * kb : -1;  // the appended row, relative to the block
         amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
-        if (!pre) {
-            const size_t kv0 = ((size_t)g * ms + (size_t)blk * kb) * D;
-            const amk_t* kc = amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_K_CACHE : P_ATTN_PARTIAL_K_CACHE);
-            const amk_t* vc = amk_buf<const amk_t>(c, fused ? P_ROPE_ATTN_PARTIAL_V_CACHE : P_ATTN_PARTIAL_V_CACHE);
-            stage_kv(kc + kv0, vc + kv0, min(CH, n), D, ks, ks + CH * (D + AMK_KV_PAD), row, threadIdx.x, AMK_THREADS);
-        }
+        if (!pre) stage_first_chunk(c, o, fused, n, row, threadIdx.x, AMK_THREADS);
         float* qs = c.smem;
         if (!fused) {
             const amk_t* q = amk_buf<const amk_t>(c, P_ATTN_PARTIAL_Q);
