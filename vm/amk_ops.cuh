@@ -151,14 +151,16 @@ __device__ __forceinline__ float combine_elem(const float* rows, int nb, int str
     return den > 0.0f ? num / den : 0.0f;
 }
 
+#if AMK_STAGE_VECS > 0
 // x[0:8 nv] = the nv 16-byte vectors at src, in fp32: AMK_STAGE_VECS loads per thread issued
 // before any is used, so one round trip per AMK_STAGE_VECS * AMK_VEC * AMK_THREADS elements.
-// Through L2 (.cg): other blocks wrote the input during this launch. The fp32 and 1024-thread builds stage element by element (their registers are
-// too few: ptxas spilled with this inlined, and a call spills around it).
+// Through L2 (.cg): other blocks wrote the input during this launch. The fp32 and 1024-thread
+// builds stage element by element (their registers are too few: ptxas spilled with this
+// inlined, and a call spills around it).
 __device__ __forceinline__ void stage_vectors(const uint4* src, int nv, float* x) {
 #pragma unroll 1
     for (int v0 = threadIdx.x; v0 < nv; v0 += AMK_STAGE_VECS * AMK_THREADS) {
-        uint4 q[AMK_STAGE_VECS > 0 ? AMK_STAGE_VECS : 1];
+        uint4 q[AMK_STAGE_VECS];
 #pragma unroll
         for (int r = 0; r < AMK_STAGE_VECS; ++r) {
             const int v = v0 + r * AMK_THREADS;
@@ -171,6 +173,7 @@ __device__ __forceinline__ void stage_vectors(const uint4* src, int nv, float* x
         }
     }
 }
+#endif
 
 __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_id, float eps, int inp_blocks,
                             int head_dim, float* x) {
@@ -257,8 +260,10 @@ __device__ void stage_input(const AmkCtx& c, const amk_t* inp, int k, int norm_i
             const float r = 1.0f / sqrtf(block_sum(ss, c.red) / (float)k + eps);
             for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = norm_elem(x[j], r, ld_weight1(nw + j));
         }
-    } else if (AMK_STAGE_VECS > 0 && k % AMK_VEC == 0 && (reinterpret_cast<uintptr_t>(inp) & 15u) == 0) {
+#if AMK_STAGE_VECS > 0
+    } else if (k % AMK_VEC == 0 && (reinterpret_cast<uintptr_t>(inp) & 15u) == 0) {
         stage_vectors(reinterpret_cast<const uint4*>(inp), k / AMK_VEC, x);
+#endif
     } else {
         for (int j = threadIdx.x; j < k; j += AMK_THREADS) x[j] = to_f(inp[j]);
     }
