@@ -155,8 +155,8 @@ __device__ __forceinline__ float combine_elem(const float* rows, int nb, int str
 // x[0:8 nv] = the nv 16-byte vectors at src, in fp32: AMK_STAGE_VECS loads per thread issued
 // before any is used, so one round trip per AMK_STAGE_VECS * AMK_VEC * AMK_THREADS elements.
 // Through L2 (.cg): other blocks wrote the input during this launch. The fp32 and 1024-thread
-// builds stage element by element (their registers are too few: ptxas spilled with this
-// inlined, and a call spills around it).
+// builds stage element by element: with two vectors per thread ptxas spilled there (with one,
+// nvcc 13.0 builds them spill-free too; not yet measured on a GPU).
 __device__ __forceinline__ void stage_vectors(const uint4* src, int nv, float* x) {
 #pragma unroll 1
     for (int v0 = threadIdx.x; v0 < nv; v0 += AMK_STAGE_VECS * AMK_THREADS) {

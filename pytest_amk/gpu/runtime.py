@@ -206,9 +206,10 @@ def prefetch_table(program: ir.Program, order: list[ir.Task], ptrs: Any, cap: in
     Slots 0-1: its own first weight bytes, ``cap`` in all, split evenly over its ranges.
     Slots 2-3: with ``lookahead`` > 0, the first ``lookahead`` bytes (split the same way) of the
     queue's next big task (weights of at least ``big`` bytes), which then skips them in its own
-    slots. They go out three instructions after the big task before it (past the qkv projection
-    that follows down, and the attention on the SMs that run one), or right before the big task
-    if that comes sooner, and never with nothing small in between (down right after gate/up).
+    slots. They go out after the second instruction past the previous big task (past the qkv
+    projection that follows down, then the attention on the SMs that run one), or right before
+    the big task if that comes sooner; only when at least two small tasks lie between the two
+    big ones (never for down right after gate/up, or the LM head right after down).
     ``ptrs``: buffer id -> device address. Plain numpy: tested without a GPU."""
     import numpy as np
 
