@@ -36,9 +36,8 @@ __device__ __forceinline__ bool kv_vec(const amk_t* kp, const amk_t* vp, int D) 
 // (stage_wait) before its barrier. A row of D + AMK_KV_PAD elements is 16-byte aligned, and
 // 8 consecutive rows put a given 16-byte column in 8 distinct bank groups (the score loop
 // reads 16 bytes per row and step). Other blocks write the cache during the launch: the
-// copies read through L2 (.cg, no L1), which sees their writes.
-
-// t, nt: this thread's index among the nt threads that share the copies.
+// copies read through L2 (.cg, no L1), which sees their writes. t, nt: this thread's index
+// among the nt threads that share the copies.
 __device__ __forceinline__ void stage_kv(const amk_t* kp, const amk_t* vp, int cn, int D, amk_t* ks, amk_t* vs, int skip,
                                          int t, int nt) {
     const int RS = D + AMK_KV_PAD;
