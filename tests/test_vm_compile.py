@@ -8,6 +8,7 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,19 +169,21 @@ def test_checks_catch_out_of_bounds_and_dtypes() -> None:
     assert any("unknown opcode" in e for e in check_program(bad))
 
 
+def _fake_ptrs(prog: ir.Program) -> Any:
+    """Buffer id -> a fake, 16-byte aligned device address (numpy int64 array)."""
+    np = pytest.importorskip("numpy")
+    return np.array([(1 << 32) + (b.id << 24) for b in prog.buffers], dtype=np.int64)
+
+
 def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
     """The L2 prefetch budget is per instruction: a SiLU-mul GEMV's gate and up ranges get half
     each, other weight tasks one range of the whole budget (capped by their rows), every range
     16-byte aligned and inside its weight rows; other ops prefetch nothing."""
-    np = pytest.importorskip("numpy")
     from pytest_amk.gpu.runtime import prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
-    base = {b.id: (1 << 32) + (b.id << 24) for b in prog.buffers}  # fake, 16-byte aligned addresses
-    ptrs = np.zeros(1 + max(base), dtype=np.int64)
-    for bid, addr in base.items():
-        ptrs[bid] = addr
+    ptrs = _fake_ptrs(prog)
     sizes = {b.id: b.dtype.nbytes for b in prog.buffers}
     cap = 1024
     pf = prefetch_table(prog, order, ptrs, cap)
@@ -196,7 +199,7 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
         assert int(pf[i, :, 1].sum()) <= cap
         for r, first_row in enumerate([p["n_lo"]] + ([p["up_row"] + p["n_lo"]] if act else [])):
             addr, n = (int(v) for v in pf[i, r])
-            start = base[p["weight"]] + first_row * row_bytes
+            start = int(ptrs[p["weight"]]) + first_row * row_bytes
             assert addr % 16 == 0 and n % 16 == 0
             assert n == min(cap // (2 if act else 1), task_bytes) // 16 * 16
             assert start <= addr and addr + n <= start + task_bytes
@@ -213,12 +216,11 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
     the big task before it, or the one right before it if sooner, never closer than two past the
     big task before; they cover the start of its weight ranges and its own slots continue where
     they end."""
-    np = pytest.importorskip("numpy")
     from pytest_amk.gpu.runtime import _weight_ranges, prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
-    ptrs = np.array([(1 << 32) + (b.id << 24) for b in prog.buffers], dtype=np.int64)
+    ptrs = _fake_ptrs(prog)
     nbytes = [sum(e - s for s, e in _weight_ranges(prog, t, ptrs)) for t in order]
     big = sorted(nbytes)[len(nbytes) * 3 // 4]  # the largest quarter of the tasks count as big
     la, cap = 1024, 512
