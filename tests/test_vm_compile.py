@@ -245,6 +245,17 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
     assert found > 0, "no lookahead in the toy program: the test checks nothing"
 
 
+def test_lookahead_default_follows_the_card() -> None:
+    """The lookahead is off on the cards where it measured slower, and the default elsewhere."""
+    from pytest_amk.gpu.runtime import DEFAULT_LOOKAHEAD_BYTES, default_lookahead_bytes
+
+    assert DEFAULT_LOOKAHEAD_BYTES > 0
+    assert default_lookahead_bytes("NVIDIA H100 80GB HBM3") == DEFAULT_LOOKAHEAD_BYTES
+    assert default_lookahead_bytes("NVIDIA H200") == 0
+    assert default_lookahead_bytes("NVIDIA H200 NVL") == 0
+    assert default_lookahead_bytes("Some Future GPU") == DEFAULT_LOOKAHEAD_BYTES
+
+
 @pytest.mark.parametrize("key", sorted(ir.FIXED_DTYPES), ids=lambda k: f"{k[0]}.{k[1]}")
 def test_fixed_dtypes_are_enforced_by_validator_and_launcher(key: tuple[str, str]) -> None:
     """ir.FIXED_DTYPES is the one table of fixed buffer dtypes: giving such a buffer another

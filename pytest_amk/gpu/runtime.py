@@ -40,6 +40,21 @@ DEFAULT_PREFETCH_BYTES = 48 << 10
 # traffic: issued right after the qkv projection, 1090.9 us); 128 KB 1090.3, 192 KB 1092.6,
 # 384 KB 1093.9 us.
 DEFAULT_LOOKAHEAD_BYTES = 256 << 10
+# Cards where the lookahead measured slower (a substring of the device name -> bytes). H200 (1B
+# shape, wide-blocks, dev A/B in one process, 4 alternating rounds): 904.8 us without against
+# 917.2 us with 256 KB at context 16, 919.1 against 944.8 us at context 512. Its faster HBM
+# leaves a shorter idle window, and the flood still slows the attention chain.
+LOOKAHEAD_BYTES_BY_DEVICE = {"H200": 0}
+
+
+def default_lookahead_bytes(device_name: str) -> int:
+    """The lookahead a GpuRunner uses on this card unless told otherwise."""
+    for key, n in LOOKAHEAD_BYTES_BY_DEVICE.items():
+        if key in device_name.upper():
+            return n
+    return DEFAULT_LOOKAHEAD_BYTES
+
+
 LOOKAHEAD_MIN_BYTES = 128 << 10  # a "big" task: gate/up, down and LM head tiles of the 1B shape
 # instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, watchdog ns, then the K-step
 # launch's: steps, counter_step, tokens_out, barrier counter, token / pos / seq_len buffer ids (vm/amk_vm.cu).
@@ -246,11 +261,13 @@ class GpuRunner:
     size (e.g. ``refvm.alloc_buffers(program, weights, "cuda")``); they are used in
     place. ``validate`` runs the static validator first (fault-injection tests pass
     False); the memory-safety checks always run. ``watchdog_s`` bounds every wait.
+    ``prefetch_bytes`` and ``lookahead_bytes`` size the L2 prefetch (prefetch_table); without
+    a lookahead size, the card's (default_lookahead_bytes).
     """
 
     def __init__(self, program: ir.Program, tensors: dict[int, Any], *, validate: bool = True,
                  watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
-                 lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES, arch: str | None = None, trace: bool = False,
+                 lookahead_bytes: int | None = None, arch: str | None = None, trace: bool = False,
                  build: dict[str, Any] | None = None) -> None:
         import dataclasses
 
@@ -294,6 +311,9 @@ class GpuRunner:
         words = np.array([ir.encode_task(t) for t in self.order] or [[0] * ir.INSTR_WORDS], dtype=np.int32)
         lens = np.array([len(q) for q in queues], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+        if lookahead_bytes is None:
+            lookahead_bytes = default_lookahead_bytes(self.dev.name)
+        self.lookahead_bytes = lookahead_bytes
         pf = prefetch_table(program, self.order, ptrs, prefetch_bytes, lookahead_bytes)
 
         def dev_tensor(a: Any) -> Any:
