@@ -1,0 +1,101 @@
+"""A/B timing of GPU runner and VM variants of one program, in one process, on one card.
+
+Every variant runs the same lowered program on the same weights. Their logits are compared
+bitwise first (prefetch sizes and VM copies that only move data must not change a bit), then
+each round times every variant at every position (L2 flushed, median of --iters launches),
+alternating the order from round to round; the table gives the mean and best round. Noise
+between rounds is about +-3 us on the 1B shape, so compare variants of one run only.
+
+    bash .device/run.sh python3 tools/ab_vm.py \\
+        --variants '{"base": {}, "no-lookahead": {"lookahead_bytes": 0}, "new-vm": {"vm": "dev_vm_x"}}'
+
+A variant is GpuRunner keyword arguments (prefetch_bytes, lookahead_bytes, build, ...), plus
+"vm": a directory of VM sources (a changed copy of vm/) to build that variant from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+
+def make_runners(prog: Any, bufs: dict[int, Any], variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from pytest_amk import gpu
+
+    runners = {}
+    for name, kw in variants.items():
+        kw = dict(kw)
+        vm = kw.pop("vm", None)
+        old = os.environ.get("AMK_VM_DIR")
+        if vm:  # the kernel cache keys on the source directory: each copy gets its own build
+            os.environ["AMK_VM_DIR"] = os.path.abspath(vm)
+        try:
+            runners[name] = gpu.GpuRunner(prog, bufs, validate=False, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("AMK_VM_DIR", None)
+            else:
+                os.environ["AMK_VM_DIR"] = old
+    return runners
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-3.2-1b-shape")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--knobs", default='{"threads_per_block": 512, "pipelining_depth": 4}',
+                    help="lowering knobs as JSON (default: the shipped wide-blocks schedule)")
+    ap.add_argument("--variants", required=True, help="JSON: {name: GpuRunner kwargs, plus optional vm dir}")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--positions", default="15,511", help="decode positions (context = position + 1)")
+    args = ap.parse_args()
+
+    import torch
+
+    from pytest_amk import gpu, refvm
+    from pytest_amk.gpu import testing as T
+
+    variants = json.loads(args.variants)
+    positions = [int(p) for p in args.positions.split(",")]
+    dev = gpu.device_info()
+    print(f"device: {dev.name}", flush=True)
+    prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **json.loads(args.knobs))
+    bufs = refvm.alloc_buffers(prog, T.random_weights(prog, seed=0, device=f"cuda:{dev.index}"),
+                               f"cuda:{dev.index}")
+    runners = make_runners(prog, bufs, variants)
+    first = next(iter(runners))
+    same = True
+    for p in positions:
+        ref = runners[first].run_step(1, p)
+        for name, r in runners.items():
+            eq = torch.equal(r.run_step(1, p), ref)
+            same &= eq
+            if not eq:
+                print(f"position {p}: {name}'s logits differ from {first}'s", flush=True)
+    times: dict[tuple[str, int], list[float]] = {(n, p): [] for n in runners for p in positions}
+    for rnd in range(args.rounds):
+        order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
+        for p in positions:
+            for name in order:
+                times[name, p].append(runners[name].time_step(1, p, warmup=3, iters=args.iters).median_us)
+    print(f"\nus per step, mean (best) of {args.rounds} rounds on {dev.name}")
+    print(f"{'variant':<24}" + "".join(f"{'context ' + str(p + 1):>22}" for p in positions))
+    for name in runners:
+        cells = "".join(f"{statistics.mean(times[name, p]):>13.1f} ({min(times[name, p]):.1f})" for p in positions)
+        print(f"{name:<24}{cells}")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "ab_vm.json"), "w") as f:
+            json.dump({"device": dev.name, "same_logits": same,
+                       "us": {f"{n}@{p}": v for (n, p), v in times.items()}}, f, indent=1)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
