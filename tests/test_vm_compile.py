@@ -212,11 +212,10 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
 
 
 def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
-    """A big task's lookahead ranges sit in an earlier instruction of its own queue: three past
-    the big task before it, or the one right before it if sooner, never closer than two past the
-    big task before; they cover the start of its weight ranges and its own slots continue where
-    they end."""
-    from pytest_amk.gpu.runtime import _weight_ranges, prefetch_table
+    """A big task's lookahead ranges sit in an earlier instruction of its own queue, three past
+    the big task before it, exactly when at least LOOKAHEAD_MIN_GAP small tasks lie between the
+    two; they cover the start of its weight ranges and its own slots continue where they end."""
+    from pytest_amk.gpu.runtime import LOOKAHEAD_MIN_GAP, _weight_ranges, prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
@@ -225,16 +224,18 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
     big = sorted(nbytes)[len(nbytes) * 3 // 4]  # the largest quarter of the tasks count as big
     la, cap = 1024, 512
     pf = prefetch_table(prog, order, ptrs, cap, la, big)
-    found = 0
+    found = skipped = 0
     for sm in {t.sm for t in order}:
         q = [i for i, t in enumerate(order) if t.sm == sm]
         bigs = [p for p, i in enumerate(q) if nbytes[i] >= big]
+        served = set()
         for p, i in enumerate(q):
             if not pf[i, 2:].any():
                 continue
             nxt = min(b for b in bigs if b > p)  # the big task it serves: the next one
             prev = max((b for b in bigs if b < nxt), default=-1)
-            assert p == min(prev + 3, nxt - 1) >= prev + 2, (sm, p, prev, nxt)
+            assert p == prev + 3 and nxt - prev - 1 >= LOOKAHEAD_MIN_GAP, (sm, p, prev, nxt)
+            served.add(nxt)
             target = q[nxt]
             for r, (start, end) in enumerate(_weight_ranges(prog, order[target], ptrs)):
                 a, n = (int(v) for v in pf[i, 2 + r])
@@ -242,7 +243,11 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
                 own_a, own_n = (int(v) for v in pf[target, r])
                 assert own_a == a + n or (own_n == 0 and a + n == end)
             found += 1
+        for prev, b in zip([-1] + bigs, bigs, strict=False):  # every big task with room gets one
+            assert (b in served) == (b - prev - 1 >= LOOKAHEAD_MIN_GAP), (sm, prev, b)
+            skipped += b not in served
     assert found > 0, "no lookahead in the toy program: the test checks nothing"
+    assert skipped > 0, "no big task without room for a lookahead: the test checks half"
 
 
 def test_lookahead_default_follows_the_card() -> None:

@@ -41,9 +41,10 @@ DEFAULT_PREFETCH_BYTES = 48 << 10
 # 384 KB 1093.9 us.
 DEFAULT_LOOKAHEAD_BYTES = 256 << 10
 # Cards where the lookahead measured slower (a substring of the device name -> bytes). H200 (1B
-# shape, wide-blocks, dev A/B in one process, 4 alternating rounds): 904.8 us without against
-# 917.2 us with 256 KB at context 16, 919.1 against 944.8 us at context 512. Its faster HBM
-# leaves a shorter idle window, and the flood still slows the attention chain.
+# shape, wide-blocks, tools/ab_vm.py, 4 alternating rounds, us at context 16 / 512): without
+# 900.6 / 913.0, with 256 KB 903.3 / 929.9, with 128 KB 902.4 / 918.4 (placed after the attention
+# only, LOOKAHEAD_MIN_GAP; placed as before, 256 KB cost 12 / 26 us). Its faster HBM leaves a
+# shorter idle window, and the flood still slows the attention chain.
 LOOKAHEAD_BYTES_BY_DEVICE = {"H200": 0}
 
 
@@ -56,6 +57,14 @@ def default_lookahead_bytes(device_name: str) -> int:
 
 
 LOOKAHEAD_MIN_BYTES = 128 << 10  # a "big" task: gate/up, down and LM head tiles of the 1B shape
+# The lookahead goes out only where at least this many small tasks lie between two big ones, after
+# the second: past the qkv projection and the attention (or combine) task. Where the O projection
+# follows qkv directly (SMs without an attention task in that layer), issuing it right after qkv
+# floods HBM while other SMs still stream qkv, which delays the whole level. Measured on an H100
+# (1B shape, tools/ab_vm.py, 4 rounds, us at context 16 / 512): from those SMs too 1092.0 / 1117.9;
+# only after an attention or combine task 1072.1 / 1094.7; those SMs' lookahead issued with
+# gate/up's own prefetch instead 1082.3 / 1107.0.
+LOOKAHEAD_MIN_GAP = 3
 # instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, watchdog ns, then the K-step
 # launch's: steps, counter_step, tokens_out, barrier counter, token / pos / seq_len buffer ids (vm/amk_vm.cu).
 ARG_FORMAT = "PPPPiPPPqiPPiiii"
@@ -222,9 +231,9 @@ def prefetch_table(program: ir.Program, order: list[ir.Task], ptrs: Any, cap: in
     Slots 2-3: with ``lookahead`` > 0, the first ``lookahead`` bytes (split the same way) of the
     queue's next big task (weights of at least ``big`` bytes), which then skips them in its own
     slots. They go out after the second instruction past the previous big task (past the qkv
-    projection that follows down, then the attention on the SMs that run one), or right before
-    the big task if that comes sooner; only when at least two small tasks lie between the two
-    big ones (never for down right after gate/up, or the LM head right after down).
+    projection that follows down, then the attention or combine task), only when at least
+    LOOKAHEAD_MIN_GAP small tasks lie between the two big ones (not on an SM whose O projection
+    follows qkv directly; never for down right after gate/up, or the LM head right after down).
     ``ptrs``: buffer id -> device address. Plain numpy: tested without a GPU."""
     import numpy as np
 
@@ -240,8 +249,8 @@ def prefetch_table(program: ir.Program, order: list[ir.Task], ptrs: Any, cap: in
             for pos, i in enumerate(q):
                 if sum(e - s for s, e in ranges[i]) < big:
                     continue
-                at = min(prev + 3, pos - 1)
-                if at >= prev + 2:
+                at = prev + 3  # goes out after the second small task
+                if pos - prev - 1 >= LOOKAHEAD_MIN_GAP:
                     for r, (start, end) in enumerate(ranges[i]):
                         a, n = _span(start, end, 0, lookahead // len(ranges[i]))
                         pf[q[at], 2 + r] = (a, n)
