@@ -2,7 +2,7 @@
 
 This module is the single source of truth for opcode numbers, their parameter
 layouts and the fixed-size GPU instruction format; the CUDA header in vm/ is
-generated from it (see ``cuda_header``). Nothing here imports torch.
+generated from it (``pytest_amk.gpu.abi.cuda_header``). Nothing here imports torch.
 
 Semantics (DESIGN §5): counters start at 0 and only increase. A task starts when
 every wait has ``value(counter) >= threshold``, does its reads and writes, then
@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -403,60 +402,6 @@ class Program:
         except (ValueError, RecursionError) as e:  # RecursionError: arrays or objects nested too deeply
             raise ValueError(f"not JSON: {e}") from None
         return Program.from_json(data)
-
-
-# -- GPU instruction encoding ----------------------------------------------------
-
-def float_bits(x: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
-
-
-def encode_task(task: Task) -> list[int]:
-    """The task as INSTR_WORDS int32 words (layout in the generated CUDA header)."""
-    spec = OPS_BY_NAME[task.op]
-    if len(task.waits) > MAX_WAITS:
-        raise ValueError(f"task {task.id}: {len(task.waits)} waits, the instruction holds {MAX_WAITS}")
-    words = [spec.code, NO_COUNTER if task.signal is None else task.signal]
-    for i in range(MAX_WAITS):
-        if i < len(task.waits):
-            words += [task.waits[i].counter, task.waits[i].threshold]
-        else:
-            words += [NO_COUNTER, 0]
-    for p in spec.params:
-        v = task.params.get(p, NO_BUFFER if p in spec.optional else None)
-        if v is None:
-            raise ValueError(f"task {task.id} ({task.op}): missing param {p!r}")
-        words.append(float_bits(v) if p in spec.float_params else int(v))
-    words += [0] * (INSTR_WORDS - len(words))
-    return words
-
-
-def cuda_header() -> str:
-    """The generated CUDA header: opcode numbers, instruction layout, param slots."""
-    lines = [
-        "// Generated from pytest_amk/ir.py by pytest_amk.ir.cuda_header(): do not edit.",
-        "#pragma once",
-        f"#define AMK_IR_VERSION {IR_VERSION}",
-        f"#define AMK_MAX_WAITS {MAX_WAITS}",
-        f"#define AMK_HEADER_WORDS {HEADER_WORDS}",
-        f"#define AMK_PARAM_WORDS {PARAM_WORDS}",
-        f"#define AMK_INSTR_WORDS {INSTR_WORDS}",
-        "#define AMK_W_OP 0",
-        "#define AMK_W_SIGNAL 1",
-        "#define AMK_W_WAIT_COUNTER(i) (2 + 2 * (i))",
-        "#define AMK_W_WAIT_THRESHOLD(i) (3 + 2 * (i))",
-        f"#define AMK_NO_COUNTER ({NO_COUNTER})",
-        f"#define AMK_NO_BUFFER ({NO_BUFFER})",
-        f"#define AMK_MAX_HEAD_DIM {MAX_HEAD_DIM}",
-        f"#define AMK_ATTN_CHUNK_BYTES {ATTN_CHUNK_BYTES}",
-        f"#define AMK_PF_RANGES {PREFETCH_RANGES}",
-    ]
-    for op in OPS:
-        lines.append(f"#define OP_{op.name} {op.code}")
-    for op in OPS:
-        for i, p in enumerate(op.params):
-            lines.append(f"#define P_{op.name}_{p.upper()} ({HEADER_WORDS} + {i})")
-    return "\n".join(lines) + "\n"
 
 
 # Buffer params whose dtype the op fixes; every other buffer param holds the model dtype.

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pytest_amk import ir
-from pytest_amk.gpu import build
+from pytest_amk.gpu import abi, build
 from pytest_amk.gpu.checks import check_program
 
 NVCC = build.find_nvcc()
@@ -97,7 +97,7 @@ def test_build_cache_is_keyed_on_config(vm_cache: Path) -> None:
 def test_header_is_generated_not_checked_in() -> None:
     vm = build.vm_dir()
     assert not (vm / build.HEADER_NAME).exists(), "amk_ir.h must be generated from ir.py at build time"
-    header = ir.cuda_header()
+    header = abi.cuda_header()
     for op in ir.OPS:
         assert f"#define OP_{op.name} {op.code}" in header
     # The VM relies on GEMV and LM_HEAD sharing the first param slots.

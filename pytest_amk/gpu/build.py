@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_amk import ir
+from pytest_amk.gpu.abi import cuda_header
 from pytest_amk.gpu.errors import BuildError
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -148,7 +149,7 @@ def build_key(cfg: BuildConfig, nvcc: str, vm: Path | None = None) -> str:
     h = hashlib.sha256()
     for p in _sources(vm):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(ir.cuda_header().encode())
+    h.update(cuda_header().encode())
     h.update(repr((cfg, NVCC_FLAGS)).encode())
     h.update(nvcc_version(nvcc).encode())
     return h.hexdigest()[:20]
@@ -172,7 +173,7 @@ def build_cubin(cfg: BuildConfig, *, nvcc: str | None = None, cache: Path | None
         return BuildResult(cfg, cubin, PtxasReport.parse(log), log, True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as tmp:
         # The header is generated here, from ir.py, at build time: never a checked-in copy.
-        (Path(tmp) / HEADER_NAME).write_text(ir.cuda_header())
+        (Path(tmp) / HEADER_NAME).write_text(cuda_header())
         out = Path(tmp) / "out.cubin"
         cmd = [nvcc, "-cubin", f"-arch={cfg.arch}", *NVCC_FLAGS, "-Xptxas", "-v", "-I", tmp, "-I", str(vm),
                *cfg.defines(), "-o", str(out), str(vm / MAIN_SOURCE)]

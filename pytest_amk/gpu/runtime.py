@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_amk import ir
+from pytest_amk.gpu.abi import encode_task
 from pytest_amk.gpu.build import BuildConfig, build_cubin, find_nvcc, vm_dir
 from pytest_amk.gpu.checks import check_program, input_limits
 from pytest_amk.gpu.errors import (
@@ -317,7 +318,7 @@ class GpuRunner:
         # Instructions in queue order; queue q is instrs[start[q] : start[q] + len[q]].
         queues = program.queues()
         self.order = [t for q in queues for t in q]
-        words = np.array([ir.encode_task(t) for t in self.order] or [[0] * ir.INSTR_WORDS], dtype=np.int32)
+        words = np.array([encode_task(t) for t in self.order] or [[0] * ir.INSTR_WORDS], dtype=np.int32)
         lens = np.array([len(q) for q in queues], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
         if lookahead_bytes is None:
