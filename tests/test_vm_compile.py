@@ -214,8 +214,9 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
 def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
     """A big task's lookahead ranges sit in an earlier instruction of its own queue, three past
     the big task before it, exactly when at least LOOKAHEAD_MIN_GAP small tasks lie between the
-    two; they cover the start of its weight ranges and its own slots continue where they end."""
-    from pytest_amk.gpu.runtime import LOOKAHEAD_MIN_GAP, _weight_ranges, prefetch_table
+    two and the one before that instruction is an attention task; they cover the start of its
+    weight ranges and its own slots continue where they end."""
+    from pytest_amk.gpu.runtime import LOOKAHEAD_AFTER, LOOKAHEAD_MIN_GAP, _weight_ranges, prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
@@ -235,6 +236,7 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
             nxt = min(b for b in bigs if b > p)  # the big task it serves: the next one
             prev = max((b for b in bigs if b < nxt), default=-1)
             assert p == prev + 3 and nxt - prev - 1 >= LOOKAHEAD_MIN_GAP, (sm, p, prev, nxt)
+            assert order[q[p - 1]].op in LOOKAHEAD_AFTER
             served.add(nxt)
             target = q[nxt]
             for r, (start, end) in enumerate(_weight_ranges(prog, order[target], ptrs)):
@@ -244,7 +246,8 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
                 assert own_a == a + n or (own_n == 0 and a + n == end)
             found += 1
         for prev, b in zip([-1] + bigs, bigs, strict=False):  # every big task with room gets one
-            assert (b in served) == (b - prev - 1 >= LOOKAHEAD_MIN_GAP), (sm, prev, b)
+            room = b - prev - 1 >= LOOKAHEAD_MIN_GAP and order[q[prev + 2]].op in LOOKAHEAD_AFTER
+            assert (b in served) == room, (sm, prev, b)
             skipped += b not in served
     assert found > 0, "no lookahead in the toy program: the test checks nothing"
     assert skipped > 0, "no big task without room for a lookahead: the test checks half"

@@ -39,8 +39,11 @@ DEFAULT_PREFETCH_BYTES = 48 << 10
 # H100 (1B shape, dev A/B in one process, 4 alternating rounds): 1099.7 us without; 256 KB
 # 1087.0 us (the gate/up level 390 -> 341 us, but the attention stage's sync gaps grow with the
 # traffic: issued right after the qkv projection, 1090.9 us); 128 KB 1090.3, 192 KB 1092.6,
-# 384 KB 1093.9 us.
-DEFAULT_LOOKAHEAD_BYTES = 256 << 10
+# 384 KB 1093.9 us. Since it goes out only after an attention task (LOOKAHEAD_AFTER; 64 SMs a
+# layer instead of all), 384 KB: 1060.1 / 1092.1 us at context 16 / 512 against 1070.6 / 1094.1
+# for 256 KB after an attention or combine task (two runs agree: -7.2 / -1.1 in the other);
+# 448 KB 1063.6 / 1094.6 (tools/ab_vm.py, session 6).
+DEFAULT_LOOKAHEAD_BYTES = 384 << 10
 # Cards where the lookahead measured slower (a substring of the device name -> bytes). H200 (1B
 # shape, wide-blocks, tools/ab_vm.py, 4 alternating rounds, us at context 16 / 512): without
 # 900.6 / 913.0, with 256 KB 903.3 / 929.9, with 128 KB 902.4 / 918.4 (placed after the attention
@@ -59,13 +62,17 @@ def default_lookahead_bytes(device_name: str) -> int:
 
 LOOKAHEAD_MIN_BYTES = 128 << 10  # a "big" task: gate/up, down and LM head tiles of the 1B shape
 # The lookahead goes out only where at least this many small tasks lie between two big ones, after
-# the second: past the qkv projection and the attention (or combine) task. Where the O projection
-# follows qkv directly (SMs without an attention task in that layer), issuing it right after qkv
-# floods HBM while other SMs still stream qkv, which delays the whole level. Measured on an H100
-# (1B shape, tools/ab_vm.py, 4 rounds, us at context 16 / 512): from those SMs too 1092.0 / 1117.9;
-# only after an attention or combine task 1072.1 / 1094.7; those SMs' lookahead issued with
-# gate/up's own prefetch instead 1082.3 / 1107.0.
+# the second, and only when that is an attention task (past the qkv projection and the attention:
+# HBM idles then). Where the O projection follows qkv directly (SMs without an attention task in
+# that layer), issuing it right after qkv floods HBM while other SMs still stream qkv, which delays
+# the whole level; after a combine task it overlaps the O projection. Measured on an H100 (1B
+# shape, tools/ab_vm.py, 4 rounds, us at context 16 / 512, 256 KB): from every SM 1092.0 /
+# 1117.9; after an attention or combine task 1072.1 / 1094.7; after an attention task only
+# 1068.4 / 1095.7 (the same; with 384 KB faster, see DEFAULT_LOOKAHEAD_BYTES); the other SMs'
+# lookahead issued with gate/up's own prefetch instead 1082.3 / 1107.0, or lent to another SM's
+# carrier 1084.0 / 1111.7.
 LOOKAHEAD_MIN_GAP = 3
+LOOKAHEAD_AFTER = ("ATTN_PARTIAL", "ROPE_ATTN_PARTIAL")
 # instrs, queue_start, queue_len, buffers, num_buffers, counters, err, prefetch, watchdog ns, then the K-step
 # launch's: steps, counter_step, tokens_out, barrier counter, token / pos / seq_len buffer ids (vm/amk_vm.cu).
 ARG_FORMAT = "PPPPiPPPqiPPiiii"
@@ -232,9 +239,11 @@ def prefetch_table(program: ir.Program, order: list[ir.Task], ptrs: Any, cap: in
     Slots 2-3: with ``lookahead`` > 0, the first ``lookahead`` bytes (split the same way) of the
     queue's next big task (weights of at least ``big`` bytes), which then skips them in its own
     slots. They go out after the second instruction past the previous big task (past the qkv
-    projection that follows down, then the attention or combine task), only when at least
-    LOOKAHEAD_MIN_GAP small tasks lie between the two big ones (not on an SM whose O projection
-    follows qkv directly; never for down right after gate/up, or the LM head right after down).
+    projection that follows down, then the attention task), only when at least
+    LOOKAHEAD_MIN_GAP small tasks lie between the two big ones and that second one is an
+    attention task (LOOKAHEAD_AFTER: not on an SM whose O projection follows qkv directly, or
+    that runs a combine task instead; never for down right after gate/up, or the LM head right
+    after down).
     ``ptrs``: buffer id -> device address. Plain numpy: tested without a GPU."""
     import numpy as np
 
@@ -251,7 +260,7 @@ def prefetch_table(program: ir.Program, order: list[ir.Task], ptrs: Any, cap: in
                 if sum(e - s for s, e in ranges[i]) < big:
                     continue
                 at = prev + 3  # goes out after the second small task
-                if pos - prev - 1 >= LOOKAHEAD_MIN_GAP:
+                if pos - prev - 1 >= LOOKAHEAD_MIN_GAP and order[q[at - 1]].op in LOOKAHEAD_AFTER:
                     for r, (start, end) in enumerate(ranges[i]):
                         a, n = _span(start, end, 0, lookahead // len(ranges[i]))
                         pf[q[at], 2 + r] = (a, n)
