@@ -46,9 +46,10 @@ DEFAULT_PREFETCH_BYTES = 48 << 10
 DEFAULT_LOOKAHEAD_BYTES = 384 << 10
 # Cards where the lookahead measured slower (a substring of the device name -> bytes). H200 (1B
 # shape, wide-blocks, tools/ab_vm.py, 4 alternating rounds, us at context 16 / 512): without
-# 900.6 / 913.0, with 256 KB 903.3 / 929.9, with 128 KB 902.4 / 918.4 (placed after the attention
-# only, LOOKAHEAD_MIN_GAP; placed as before, 256 KB cost 12 / 26 us). Its faster HBM leaves a
-# shorter idle window, and the flood still slows the attention chain.
+# 900.6 / 913.0, with 256 KB 903.3 / 929.9, with 128 KB 902.4 / 918.4 (placed by LOOKAHEAD_MIN_GAP
+# alone; with the session-5 placement, 256 KB cost 12 / 26 us; the LOOKAHEAD_AFTER placement is not
+# measured there). Its faster HBM leaves a shorter idle window, and the flood still slows the
+# attention chain.
 LOOKAHEAD_BYTES_BY_DEVICE = {"H200": 0}
 
 
@@ -334,7 +335,6 @@ class GpuRunner:
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
         if lookahead_bytes is None:
             lookahead_bytes = default_lookahead_bytes(self.dev.name)
-        self.lookahead_bytes = lookahead_bytes
         pf = prefetch_table(program, self.order, ptrs, prefetch_bytes, lookahead_bytes)
 
         def dev_tensor(a: Any) -> Any:
