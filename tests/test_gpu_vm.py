@@ -109,6 +109,22 @@ def test_grid_that_cannot_be_resident_is_refused() -> None:
         gpu.GpuRunner(prog, {}, validate=False)
 
 
+def test_runners_of_one_build_keep_their_shared_memory() -> None:
+    # Two programs of one build: the later runner's smaller need must not lower the limit the
+    # shared kernel function was given for the earlier one (cuLaunchKernel: invalid argument).
+    from pytest_amk import ir, refvm
+
+    big = T.lowered("toy", "bf16", max_seq=64, tiling__attention__kv_block=64)
+    small = T.lowered("toy", "bf16", max_seq=64, tiling__attention__kv_block=8)
+    assert ir.program_smem_bytes(big) > ir.program_smem_bytes(small)
+    dev = f"cuda:{gpu.device_info().index}"
+    runners = [gpu.GpuRunner(p, refvm.alloc_buffers(p, T.random_weights(p), dev), validate=False)
+               for p in (big, small)]
+    assert runners[0].kernel is runners[1].kernel
+    for r in reversed(runners + runners):
+        r.run_step(1, 3)
+
+
 def test_out_of_range_inputs_are_refused_on_the_host() -> None:
     prog = T.lowered("toy", "bf16", max_seq=16, sm_count=4)
     from pytest_amk import refvm

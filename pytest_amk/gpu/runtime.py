@@ -168,6 +168,7 @@ class Kernel:
     static_smem: int
     local_bytes: int
     cached_build: bool
+    dyn_smem_limit: int = 0  # the function's MAX_DYNAMIC_SHARED_SIZE_BYTES as last set
 
 
 _KERNELS: dict[tuple[BuildConfig, str], Kernel] = {}  # keyed by the sources' directory too ($AMK_VM_DIR)
@@ -369,7 +370,11 @@ class GpuRunner:
                                  f"{self.dev.name} allows {limit} B")
         import pycuda.driver as drv
 
-        self.kernel.func.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, self.dyn_smem)
+        # The function is shared by every runner of this build: only ever raise its limit, so a
+        # runner of a smaller program never makes another's launches fail.
+        if self.dyn_smem > self.kernel.dyn_smem_limit:
+            self.kernel.func.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, self.dyn_smem)
+            self.kernel.dyn_smem_limit = self.dyn_smem
         self.grid = len(queues)
         per_sm = blocks_per_sm(self.kernel, self.config.threads, self.dyn_smem, self.dev)
         if self.grid > per_sm * self.dev.sm_count:
