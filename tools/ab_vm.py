@@ -1,6 +1,7 @@
 """A/B timing of GPU runner and VM variants of one program, in one process, on one card.
 
-Every variant runs the same lowered program on the same weights. Their logits are compared
+Every variant runs on the same weights, by default the same lowered program; a variant's
+"knobs" (lowering knobs, JSON) lower its own program (e.g. another fusion). Their logits are compared
 bitwise first (prefetch sizes and VM copies that only move data must not change a bit), then
 each round times every variant at every position (L2 flushed, median of --iters launches),
 alternating the order from round to round; the table gives the mean and best round. Noise
@@ -10,7 +11,8 @@ between rounds is about +-3 us on the 1B shape, so compare variants of one run o
         --variants '{"base": {}, "no-lookahead": {"lookahead_bytes": 0}, "new-vm": {"vm": "dev_vm_x"}}'
 
 A variant is GpuRunner keyword arguments (prefetch_bytes, lookahead_bytes, build, ...), plus
-"vm": a directory of VM sources (a changed copy of vm/) to build that variant from.
+"vm": a directory of VM sources (a changed copy of vm/) to build that variant from, and "knobs":
+lowering knobs added to --knobs.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import sys
 from typing import Any
 
 
-def make_runners(prog: Any, bufs: dict[int, Any], variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
+                 variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One runner per variant, on ``programs[name]`` = (program, buffers)."""
     from pytest_amk import gpu
 
     runners = {}
     for name, kw in variants.items():
         kw = dict(kw)
+        kw.pop("knobs", None)
+        prog, bufs = programs[name]
         vm = kw.pop("vm", None)
         old = os.environ.get("AMK_VM_DIR")
         if vm:  # the kernel cache keys on the source directory: each copy gets its own build
@@ -65,10 +71,19 @@ def main() -> int:
     positions = [int(p) for p in args.positions.split(",")]
     dev = gpu.device_info()
     print(f"device: {dev.name}", flush=True)
-    prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **json.loads(args.knobs))
-    bufs = refvm.alloc_buffers(prog, T.random_weights(prog, seed=0, device=f"cuda:{dev.index}"),
-                               f"cuda:{dev.index}")
-    runners = make_runners(prog, bufs, variants)
+    base_knobs = json.loads(args.knobs)
+    weights = None
+    by_knobs: dict[str, tuple[Any, dict[int, Any]]] = {}
+    programs = {}
+    for name, kw in variants.items():
+        key = json.dumps(kw.get("knobs", {}), sort_keys=True)
+        if key not in by_knobs:
+            prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **(base_knobs | kw.get("knobs", {})))
+            if weights is None:
+                weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
+            by_knobs[key] = (prog, refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}"))
+        programs[name] = by_knobs[key]
+    runners = make_runners(programs, variants)
     first = next(iter(runners))
     same = True
     for p in positions:

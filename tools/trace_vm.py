@@ -149,7 +149,15 @@ def main() -> int:
         timing = plain.time_step(1, args.pos, warmup=5, iters=20)
         runner = gpu.GpuRunner(prog, bufs, validate=False, trace=True, **extra)
         traced = runner.time_step(1, args.pos, warmup=3, iters=5)  # the last launch's trace is read below
-        res = analyse(prog, runner.order, runner.read_trace(), bw)
+        tr = runner.read_trace()
+        res = analyse(prog, runner.order, tr, bw)
+        if os.environ.get("OUT"):  # per-task rows for offline analysis: stage, sm, op, ns at the 3 points
+            pf = runner._prefetch.cpu().numpy()
+            t0 = float(tr[:, :, 0].min())
+            rows = [[prog.counters[t.signal].name, t.sm, t.op, *(float(tr[i, k, 0]) - t0 for k in range(3)),
+                     int(pf[i, :, 1].sum())] for i, t in enumerate(runner.order)]
+            with open(os.path.join(os.environ["OUT"], f"trace_raw_{name}.json"), "w") as f:
+                json.dump(rows, f)
         res |= {"median_us": timing.median_us, "traced_median_us": traced.median_us, "tasks": len(prog.tasks)}
         results[name] = res
         print(f"\n== {name} {base | kn}: {timing.median_us:.1f} us untraced, {traced.median_us:.1f} us traced, "
