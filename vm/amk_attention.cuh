@@ -91,6 +91,12 @@ __device__ __forceinline__ int attn_kv_offset(int rep, int D, int CH) {
     return (2 * rep * D + rep * CH + 3 * rep + 3) & ~3;
 }
 
+// The row of the KV block [blk * kb, (blk + 1) * kb) that this step appends (its position pos),
+// relative to the block; -1 when pos lies outside it.
+__device__ __forceinline__ int appended_row(int blk, int kb, int pos) {
+    return blk * kb <= pos && pos < (blk + 1) * kb ? pos - blk * kb : -1;
+}
+
 // Chunk 0 of the task's K and V block into shared memory (its n positions, at most one chunk),
 // without row ``skip``: shared by attn_prewait (threads t of nt) and op_attention.
 __device__ __forceinline__ void stage_first_chunk(const AmkCtx& c, int o, bool fused, int n, int skip, int t,
@@ -282,7 +288,7 @@ __device__ void attn_prewait(const AmkCtx& c) {
     const int blk = ins[P_ATTN_PARTIAL_BLK + o], kb = ins[P_ATTN_PARTIAL_KV_BLOCK + o];
     const int n = min(L, blk * kb + kb) - blk * kb;
     if (n <= 0) return;
-    stage_first_chunk(c, o, true, n, blk * kb <= pos && pos < (blk + 1) * kb ? pos - blk * kb : -1, t, nt);
+    stage_first_chunk(c, o, true, n, appended_row(blk, kb, pos), t, nt);
     const float* rt = amk_buf<const float>(c, P_ROPE_ATTN_PARTIAL_ROPE) + (size_t)pos * D;
     for (int j = t; j < D; j += nt) c.smem[rep * D + j] = rt[j];
 }
@@ -333,8 +339,8 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
             return;
         }
         const int CH = attn_chunk(kb, D);
-        const bool append = fused && blk * kb <= pos && pos < (blk + 1) * kb;
-        const int row = append ? pos - blk * kb : -1;  // the appended row, relative to the block
+        const int row = fused ? appended_row(blk, kb, pos) : -1;
+        const bool append = row >= 0;
         amk_t* ks = reinterpret_cast<amk_t*>(c.smem + attn_kv_offset(rep, D, CH));
         if (!pre) stage_first_chunk(c, o, fused, n, row, threadIdx.x, AMK_THREADS);
         float* qs = c.smem;
