@@ -125,6 +125,7 @@ def main() -> int:
         variants.append((name, parse_knobs(kv)))
     weights = None
     results = {}
+    out = os.environ.get("OUT")  # where the JSON results and per-task rows go
     for name, kn in variants:
         runner_keys = ("prefetch_bytes", "lookahead_bytes")
         lower_kn = {k: v for k, v in (base | kn).items() if not k.startswith("build_") and k not in runner_keys}
@@ -151,12 +152,12 @@ def main() -> int:
         traced = runner.time_step(1, args.pos, warmup=3, iters=5)  # the last launch's trace is read below
         tr = runner.read_trace()
         res = analyse(prog, runner.order, tr, bw)
-        if os.environ.get("OUT"):  # per-task rows for offline analysis: stage, sm, op, ns at the 3 points
+        if out:  # per-task rows for offline analysis: stage, sm, op, ns at the 3 points
             pf = runner._prefetch.cpu().numpy()
             t0 = float(tr[:, :, 0].min())
             rows = [[prog.counters[t.signal].name, t.sm, t.op, *(float(tr[i, k, 0]) - t0 for k in range(3)),
                      int(pf[i, :, 1].sum())] for i, t in enumerate(runner.order)]
-            with open(os.path.join(os.environ["OUT"], f"trace_raw_{name}.json"), "w") as f:
+            with open(os.path.join(out, f"trace_raw_{name}.json"), "w") as f:
                 json.dump(rows, f)
         res |= {"median_us": timing.median_us, "traced_median_us": traced.median_us, "tasks": len(prog.tasks)}
         results[name] = res
@@ -174,7 +175,6 @@ def main() -> int:
         print(f"{'total':<16}{'':>10}{tot_span:>9.1f}{tot_gap:>8.1f}")
         del plain, runner, bufs
         torch.cuda.empty_cache()
-    out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "trace_vm.json"), "w") as f:
             json.dump(results, f, indent=1)
