@@ -27,6 +27,28 @@ def _check_steps(results: list[T.StepResult]) -> None:
         print(f"pos {r.pos}: max |logit err| {r.max_abs_err:.3g} (tol {r.tolerance:.3g})")
 
 
+def test_trace_mark_ends_the_timed_run_inside_the_op() -> None:
+    """A traced launch records ordered points for every task; with trace_mark=gemv_staged a GEMV
+    task's run stops once its input is staged, before its rows: shorter than the whole op."""
+    import numpy as np
+
+    prog = T.lowered("toy-4L", "bf16", max_seq=64, threads_per_block=256)
+    w = T.random_weights(prog, seed=2)
+    runs = {}
+    for mark in ("", "gemv_staged"):
+        from pytest_amk import refvm
+
+        bufs = refvm.alloc_buffers(prog, w, f"cuda:{gpu.device_info().index}")
+        build = {"trace_mark": mark} if mark else None
+        runner = gpu.GpuRunner(prog, bufs, validate=False, trace=True, build=build)
+        runner.run_step(1, 5)
+        tr = runner.read_trace()[:, :, 0]
+        assert (tr[:, 0] <= tr[:, 1]).all() and (tr[:, 1] <= tr[:, 2]).all()
+        gemv = np.array([t.op == "GEMV" for t in runner.order])
+        runs[mark] = float(np.mean(tr[gemv, 2] - tr[gemv, 1]))
+    assert runs["gemv_staged"] < runs[""], runs
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("model", ["toy", "toy-4L"])
 def test_presets_match_refvm(model: str, dtype: str) -> None:

@@ -105,6 +105,33 @@ def test_header_is_generated_not_checked_in() -> None:
     assert gemv[:6] == lm[:6]
 
 
+def test_trace_marks_are_in_the_header_and_the_sources() -> None:
+    """Each abi.TRACE_MARKS name is defined in the generated header and placed in vm/ exactly once
+    (a mark without an AMK_TRACE_AT would silently time the whole op)."""
+    header = abi.cuda_header()
+    sources = "".join(p.read_text() for p in sorted(build.vm_dir().glob("*.cu*")))
+    for i, mark in enumerate(abi.TRACE_MARKS):
+        assert f"#define AMK_MARK_{mark.upper()} {i + 1}" in header
+        assert sources.count(f"AMK_TRACE_AT(AMK_MARK_{mark.upper()},") == 1, mark
+
+
+def test_trace_mark_needs_a_traced_build_and_a_known_name() -> None:
+    assert "-DAMK_TRACE_MARK=0" in build.BuildConfig().defines()
+    cfg = build.BuildConfig(trace=True, trace_mark=abi.TRACE_MARKS[1])
+    assert "-DAMK_TRACE_MARK=2" in cfg.defines()
+    for bad in (dict(trace=True, trace_mark="no_such_mark"), dict(trace_mark=abi.TRACE_MARKS[0])):
+        with pytest.raises(build.BuildError, match="trace_mark"):
+            build.BuildConfig(**bad)
+
+
+@needs_nvcc
+def test_traced_build_with_a_mark_compiles_without_spills(vm_cache: Path) -> None:
+    cfg = build.BuildConfig("bf16", 512, 4, "sm_90", trace=True, trace_mark="attn_prologue")
+    r = build.build_cubin(cfg, cache=vm_cache)
+    assert "-attn_prologue-" in r.cubin.name
+    assert (r.report.spill_stores, r.report.spill_loads) == (0, 0), r.report
+
+
 def test_ptxas_report_parse() -> None:
     log = ("ptxas info    : Compiling entry function 'amk_vm' for 'sm_90'\n"
            "ptxas info    : Function properties for amk_vm\n"

@@ -10,7 +10,9 @@ stage's first ready task (the sync cost), and the weight bandwidth over the span
         --knobs threads_per_block=512,pipelining_depth=8 [--pos 15] [--variants name:k=v;...]
 
 A variant's prefetch_bytes and lookahead_bytes go to the GpuRunner, build_* keys to the build,
-the rest to the lowering.
+the rest to the lowering. ``--build trace_mark=NAME`` (a name of pytest_amk.gpu.abi.TRACE_MARKS,
+e.g. attn_prologue) makes each op with that mark end its timed run there: its "run" then times
+the op up to that place (the untimed run is unaffected).
 """
 
 from __future__ import annotations
@@ -146,7 +148,9 @@ def main() -> int:
         kn = {k: v for k, v in kn.items() if not k.startswith("build_")}
         if bld:
             extra["build"] = bld
-        plain = gpu.GpuRunner(prog, bufs, validate=False, **extra)
+        # trace_mark only exists in traced builds
+        plain_extra = extra | ({"build": {k: v for k, v in bld.items() if k != "trace_mark"}} if bld else {})
+        plain = gpu.GpuRunner(prog, bufs, validate=False, **plain_extra)
         timing = plain.time_step(1, args.pos, warmup=5, iters=20)
         runner = gpu.GpuRunner(prog, bufs, validate=False, trace=True, **extra)
         traced = runner.time_step(1, args.pos, warmup=3, iters=5)  # the last launch's trace is read below

@@ -219,6 +219,7 @@ __device__ void attn_block(const AmkCtx& c, int o, int n) {
         }
         __syncthreads();  // the next chunk overwrites K, V and the scores
     }
+    AMK_TRACE_AT(AMK_MARK_ATTN_BLOCKS, c.instr);
     const int nb = ins[P_ATTN_PARTIAL_N_BLOCKS + o];
     float* dst = amk_buf<float>(c, fused ? P_ROPE_ATTN_PARTIAL_PARTIAL : P_ATTN_PARTIAL_PARTIAL) +
                  ((size_t)ins[P_ATTN_PARTIAL_KV_HEAD + o] * rep * nb + ins[P_ATTN_PARTIAL_BLK + o]) * (D + 2);
@@ -392,6 +393,7 @@ __device__ void op_attention(const AmkCtx& c, bool fused) {
         stage_wait();
     }
     __syncthreads();  // q and chunk 0 staged; this block's cache writes are visible to its own loads
+    AMK_TRACE_AT(AMK_MARK_ATTN_PROLOGUE, c.instr);
     attn_block(c, o, n);
 }
 

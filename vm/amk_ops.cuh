@@ -416,6 +416,7 @@ __device__ void gemv_body(const AmkCtx& c, const amk_t* inp, const amk_t* w, int
     const amk_t* wr[2];
     int rows[2];
     stage_input(c, inp, k, norm_id, eps, inp_blocks, head_dim, x);
+    AMK_TRACE_AT(AMK_MARK_GEMV_STAGED, c.instr);
 #pragma unroll 1
     for (int i = 0; gemv_item(w, k, n_lo, n_hi, act, up_row, i, rp, wr, rows); ++i) {
         float y[2];

@@ -25,8 +25,8 @@
 // the runtime inputs in place (token = next token, pos += 1, seq_len += 1) before its
 // release signal, so the barrier publishes them to step s + 1. With steps == 1 none of
 // this runs and the kernel behaves as the single-step VM.
+#include "amk_trace.cuh"  // first: the ops take marks (AMK_TRACE_AT)
 #include "amk_ops.cuh"
-#include "amk_trace.cuh"
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -181,6 +181,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
         __syncthreads();
         if (s_stop) return;
         AMK_TRACE_POINT(gi, 1);
+        AMK_TRACE_BEGIN_OP();
         const int op = cur[AMK_W_OP], sig = cur[AMK_W_SIGNAL];
         switch (op) {
             case OP_NOP: break;
@@ -204,7 +205,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
                 break;
         }
         __syncthreads();
-        AMK_TRACE_POINT(gi, 2);
+        AMK_TRACE_END_OP(gi);
 #if AMK_PF_LATE
         // Start the next instruction's weights into L2 now that this op is done: they stream
         // while this block waits for its dependencies, when HBM would otherwise idle (issued

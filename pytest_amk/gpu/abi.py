@@ -26,6 +26,15 @@ from pytest_amk.ir import (
     Task,
 )
 
+# Places inside ops where a traced build (tools/trace_vm.py --build trace_mark=NAME) takes an
+# instruction's last timing point instead of after the op, to time the first part of an op.
+# Each is AMK_MARK_<NAME> in the generated header and an AMK_TRACE_AT in vm/.
+TRACE_MARKS = (
+    "attn_prologue",  # an attention task's inputs staged (q roped, KV chunk 0), before its blocks
+    "attn_blocks",    # an attention task's scores, softmax and P.V done, before it writes partials
+    "gemv_staged",    # a GEMV or LM-head task's input staged (and normalised), before its rows
+)
+
 
 def float_bits(x: float) -> int:
     """The int32 word holding float32 ``x`` (a float param)."""
@@ -72,6 +81,8 @@ def cuda_header() -> str:
         f"#define AMK_ATTN_CHUNK_BYTES {ATTN_CHUNK_BYTES}",
         f"#define AMK_PF_RANGES {PREFETCH_RANGES}",
     ]
+    for i, mark in enumerate(TRACE_MARKS):
+        lines.append(f"#define AMK_MARK_{mark.upper()} {i + 1}")
     for op in OPS:
         lines.append(f"#define OP_{op.name} {op.code}")
     for op in OPS:

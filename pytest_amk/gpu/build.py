@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_amk import ir
-from pytest_amk.gpu.abi import cuda_header
+from pytest_amk.gpu.abi import TRACE_MARKS, cuda_header
 from pytest_amk.gpu.errors import BuildError
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -76,6 +76,7 @@ class BuildConfig:
     arch: str = "sm_90"
     trace: bool = False  # per-instruction timing trace (vm/amk_trace.cuh); tools/trace_vm.py only
     prefetch_late: bool = True  # L2 prefetch of the next instruction after this op (False: before the wait)
+    trace_mark: str = ""  # with trace: abi.TRACE_MARKS name where an op takes its last timing point
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -86,6 +87,8 @@ class BuildConfig:
             raise BuildError(f"pipelining_depth {self.pipe} must be in [1, 16]")
         if not re.fullmatch(r"sm_\d+[a-z]?", self.arch):
             raise BuildError(f"arch {self.arch!r} is not of the form sm_XY")
+        if self.trace_mark and (not self.trace or self.trace_mark not in TRACE_MARKS):
+            raise BuildError(f"trace_mark {self.trace_mark!r} needs trace=True and one of {', '.join(TRACE_MARKS)}")
 
     @staticmethod
     def for_program(program: ir.Program, arch: str) -> BuildConfig:
@@ -96,7 +99,8 @@ class BuildConfig:
     def defines(self) -> list[str]:
         return [f"-DAMK_DTYPE={DTYPE_CODES[self.dtype]}", f"-DAMK_THREADS={self.threads}",
                 f"-DAMK_PIPE={self.pipe}", f"-DAMK_PIPE_CAP={ir.max_pipelining_depth(self.threads, self.dtype)}",
-                f"-DAMK_TRACE={int(self.trace)}", f"-DAMK_PF_LATE={int(self.prefetch_late)}"]
+                f"-DAMK_TRACE={int(self.trace)}", f"-DAMK_PF_LATE={int(self.prefetch_late)}",
+                f"-DAMK_TRACE_MARK={TRACE_MARKS.index(self.trace_mark) + 1 if self.trace_mark else 0}"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ def build_cubin(cfg: BuildConfig, *, nvcc: str | None = None, cache: Path | None
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     tags = ("-trace" if cfg.trace else "") + ("" if cfg.prefetch_late else "-pfearly")
+    tags += f"-{cfg.trace_mark}" if cfg.trace_mark else ""
     stem = f"amk_vm-{cfg.arch}-{cfg.dtype}-t{cfg.threads}-p{cfg.pipe}{tags}-{key}"
     cubin, logf = cache / f"{stem}.cubin", cache / f"{stem}.log"
     if not force and cubin.is_file() and logf.is_file():
