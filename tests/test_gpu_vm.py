@@ -32,12 +32,12 @@ def test_trace_mark_ends_the_timed_run_inside_the_op() -> None:
     task's run stops once its input is staged, before its rows: shorter than the whole op."""
     import numpy as np
 
+    from pytest_amk import refvm
+
     prog = T.lowered("toy-4L", "bf16", max_seq=64, threads_per_block=256)
     w = T.random_weights(prog, seed=2)
     runs = {}
     for mark in ("", "gemv_staged"):
-        from pytest_amk import refvm
-
         bufs = refvm.alloc_buffers(prog, w, f"cuda:{gpu.device_info().index}")
         build = {"trace_mark": mark} if mark else None
         runner = gpu.GpuRunner(prog, bufs, validate=False, trace=True, build=build)
