@@ -351,6 +351,12 @@ class Program:
     def weight_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers if b.kind is BufferKind.WEIGHT)
 
+    def sync_skeleton(self) -> Program:
+        """The same queues, waits and signals with every task a NOP. Timed on a GPU it gives the
+        step's synchronisation cost alone, a floor of its own beside the bandwidth floor."""
+        tasks = [Task(t.id, "NOP", t.sm, [], [], list(t.waits), t.signal, {}) for t in self.tasks]
+        return Program(self.buffers, self.counters, tasks, dict(self.meta))
+
     # -- JSON ------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

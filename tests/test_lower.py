@@ -91,3 +91,15 @@ def test_tied_lm_head_reads_embedding() -> None:
     assert lm and all(t.params["weight"] == p.buffer("embed").id for t in lm)
     untied = lower(config_for("toy-4L"), TARGETS["h100"], default_knobs(), "bf16", 64)
     assert untied.buffer("lm_head")
+
+
+def test_sync_skeleton_keeps_queues_waits_and_signals_only() -> None:
+    from pytest_amk.validate import validate
+
+    p = lower_small()
+    s = p.sync_skeleton()
+    assert [(t.id, t.sm, t.waits, t.signal) for t in s.tasks] == [(t.id, t.sm, t.waits, t.signal) for t in p.tasks]
+    assert {t.op for t in s.tasks} == {"NOP"} and not any(t.reads or t.writes or t.params for t in s.tasks)
+    assert any(t.op != "NOP" for t in p.tasks)  # the original is untouched
+    # No deadlock or race; only the outputs are left unwritten (it computes nothing).
+    assert {e.code for e in validate(s).errors} == {"unwritten-output"}

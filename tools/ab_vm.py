@@ -11,8 +11,9 @@ between rounds is about +-3 us on the 1B shape, so compare variants of one run o
         --variants '{"base": {}, "no-lookahead": {"lookahead_bytes": 0}, "new-vm": {"vm": "dev_vm_x"}}'
 
 A variant is GpuRunner keyword arguments (prefetch_bytes, lookahead_bytes, build, ...), plus
-"vm": a directory of VM sources (a changed copy of vm/) to build that variant from, and "knobs":
-lowering knobs added to --knobs.
+"vm": a directory of VM sources (a changed copy of vm/) to build that variant from, "knobs":
+lowering knobs added to --knobs, and "nop": true to time the program's sync skeleton (every
+task a NOP with the same queues, waits and signals; its logits are not compared).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
     for name, kw in variants.items():
         kw = dict(kw)
         kw.pop("knobs", None)
+        kw.pop("nop", None)
         prog, bufs = programs[name]
         vm = kw.pop("vm", None)
         old = os.environ.get("AMK_VM_DIR")
@@ -76,19 +78,22 @@ def main() -> int:
     by_knobs: dict[str, tuple[Any, dict[int, Any]]] = {}
     programs = {}
     for name, kw in variants.items():
-        key = json.dumps(kw.get("knobs", {}), sort_keys=True)
+        key = json.dumps([kw.get("knobs", {}), bool(kw.get("nop"))], sort_keys=True)
         if key not in by_knobs:
             prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **(base_knobs | kw.get("knobs", {})))
             if weights is None:
                 weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
-            by_knobs[key] = (prog, refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}"))
+            bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
+            by_knobs[key] = (prog.sync_skeleton() if kw.get("nop") else prog, bufs)
         programs[name] = by_knobs[key]
     runners = make_runners(programs, variants)
-    first = next(iter(runners))
+    first = next(n for n in runners if not variants[n].get("nop"))
     same = True
     for p in positions:
         ref = runners[first].run_step(1, p)
         for name, r in runners.items():
+            if variants[name].get("nop"):
+                continue
             eq = torch.equal(r.run_step(1, p), ref)
             same &= eq
             if not eq:
