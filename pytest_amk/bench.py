@@ -26,6 +26,10 @@ from typing import Any
 
 EAGER, GRAPH, COMPILED = "torch eager", "torch CUDA graph", "torch.compile max-autotune + CUDA graph"
 FLOOR_NAME = "floor (weights+KV / measured BW)"
+# The best schedule's program with every task a NOP (ir.Program.sync_skeleton): what its waits and
+# signals cost alone. A step cannot beat it any more than it can beat the bandwidth floor.
+SKELETON_SUFFIX = "sync skeleton"
+SKELETON_NOTE = "same queues, waits and signals (the sync floor)"
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ def baselines(model: Any, pos: int = 15, runs: int = 30, compile_: bool = True) 
 @dataclass
 class Row:
     name: str
-    kind: str  # "megakernel" | "long-context" | "baseline"
+    kind: str  # "megakernel" | "long-context" | "skeleton" | "baseline"
     median_us: float | None
     floor_us: float | None
     note: str = ""
@@ -207,8 +211,9 @@ def format_table(rows: Sequence[Row | tuple[Any, ...]], floor: float, ref_us: fl
     lines = [f"{'what':44s} {'median us':>10s} {'x floor':>8s} {'% roofline':>10s} {'vs torch':>8s}  note",
              f"{FLOOR_NAME:44s} {floor:10.1f} {1.0:8.2f} {100.0:10.1f}"]
     for row in rows:
+        kind = ""
         if isinstance(row, Row):
-            name, us, note, own = row.name, row.median_us, row.note, row.floor_us
+            name, us, note, own, kind = row.name, row.median_us, row.note, row.floor_us, row.kind
         else:
             name, us, note = row[0], row[1], row[2]
             own = row[3] if len(row) > 3 else None
@@ -216,8 +221,10 @@ def format_table(rows: Sequence[Row | tuple[Any, ...]], floor: float, ref_us: fl
         if us is None:
             lines.append(f"{name:44s} {'-':>10s} {'-':>8s} {'-':>10s} {'-':>8s}  {note}".rstrip())
             continue
-        vs = f"{ref_us / us:7.2f}x" if ref_us else f"{'-':>8s}"
-        lines.append(f"{name:44s} {us:10.1f} {us / f:8.2f} {100 * f / us:10.1f} {vs}  {note}".rstrip())
+        # A skeleton does no work: only its ratio to the floor means anything.
+        vs = f"{ref_us / us:7.2f}x" if ref_us and kind != "skeleton" else f"{'-':>8s}"
+        pct = f"{100 * f / us:10.1f}" if kind != "skeleton" else f"{'-':>10s}"
+        lines.append(f"{name:44s} {us:10.1f} {us / f:8.2f} {pct} {vs}  {note}".rstrip())
     return "\n".join(lines)
 
 
@@ -293,6 +300,11 @@ def bench_file(path: str, gpu_name: str | None = None, steps: int = 2, pos: int 
         short = row.median_us or math.nan
         rows.append(Row(f"{row.name} @ context {m.max_seq}", "long-context", long.median_us, long.floor_us,
                         f"{100 * (long.median_us / short - 1):+.1f}% vs context {pos + 1}"))
+    if best is not None:
+        program, row = best
+        skel = gpu.time_program(program.sync_skeleton(), sf, pos=pos, rounds=runs)
+        rows.append(Row(f"{row.name} {SKELETON_SUFFIX}", "skeleton", skel.median_us, row.floor_us,
+                        f"every task a NOP: {SKELETON_NOTE}"))
     model = pipeline.eager_model(m.id, m.dtype, m.seed, m.max_seq)
     if floor is None:  # no schedule ran: the floor from the model's weights and KV
         weights = sum(t.numel() * t.element_size() for t in model.w.values())
@@ -325,7 +337,8 @@ def write_chart(path: str | Path, report: BenchReport) -> Path | None:
     from matplotlib.figure import Figure
 
     rows = [r for r in report.rows if r.median_us]
-    colors = {"megakernel": "tab:green", "long-context": "yellowgreen", "baseline": "tab:gray"}
+    colors = {"megakernel": "tab:green", "long-context": "yellowgreen", "skeleton": "lightsteelblue",
+              "baseline": "tab:gray"}
     fig = Figure(figsize=(9, 1.2 + 0.45 * max(1, len(rows))), dpi=100)
     ax = fig.add_subplot()
     ys = list(range(len(rows)))[::-1]

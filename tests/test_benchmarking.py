@@ -276,6 +276,7 @@ def test_slowdown_env_is_test_only_and_checked(monkeypatch: pytest.MonkeyPatch) 
 def test_bench_table_ratios_and_chart(tmp_path: Path) -> None:
     rows = [bench.Row("megakernel default", "megakernel", 20.0, 10.0, "1 tasks"),
             bench.Row("megakernel default @ context 512", "long-context", 21.0, 10.5, "+5.0% vs context 16"),
+            bench.Row("megakernel default sync skeleton", "skeleton", 5.0, 10.0, "every task a NOP"),
             bench.Row(bench.EAGER, "baseline", 400.0, 10.0),
             bench.Row(bench.GRAPH, "baseline", 80.0, 10.0),
             bench.Row(bench.COMPILED, "baseline", None, None, "failed: boom")]
@@ -286,6 +287,8 @@ def test_bench_table_ratios_and_chart(tmp_path: Path) -> None:
     row = next(line for line in lines if line.startswith("megakernel default "))
     assert row.split()[2:6] == ["20.0", "2.00", "50.0", "4.00x"]  # median, x floor, % roofline, vs CUDA graph
     assert "failed: boom" in table and "+5.0% vs context 16" in table
+    skel = next(line for line in lines if line.startswith("megakernel default sync skeleton"))
+    assert skel.split()[4:8] == ["5.0", "0.50", "-", "-"]  # a skeleton does no work: only x floor
     assert lines[-1] == ("best: megakernel default, 20.0 us = 50.0% of roofline, 4.00x the speed of "
                          "torch CUDA graph")
     out = bench.write_chart(tmp_path / "chart.png", report)

@@ -167,3 +167,14 @@ def test_timing_gives_a_median() -> None:
     t = gpu.GpuRunner(prog, bufs, validate=False).time_step(1, 0, warmup=2, iters=5)
     assert t.median_us > 0 and len(t.samples_us) == 5
     print(f"toy-4L bf16: {t.median_us:.1f} us on {t.device_name}")
+
+
+def test_sync_skeleton_runs_and_is_faster_than_the_step() -> None:
+    from pytest_amk import refvm
+
+    prog = T.lowered("toy-4L", "bf16", max_seq=64)
+    bufs = refvm.alloc_buffers(prog, T.random_weights(prog), f"cuda:{gpu.device_info().index}")
+    step = gpu.GpuRunner(prog, bufs, validate=False).time_step(1, 0, warmup=2, iters=9).median_us
+    skel = gpu.GpuRunner(prog.sync_skeleton(), bufs, validate=False).time_step(1, 0, warmup=2, iters=9).median_us
+    assert 0 < skel < step, (skel, step)
+    print(f"toy-4L bf16: step {step:.1f} us, sync skeleton {skel:.1f} us")
