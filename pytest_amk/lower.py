@@ -337,12 +337,16 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
     if state_bytes > MAX_STATE_BYTES:
         raise LoweringError(f"the KV caches and activations take {state_bytes / 2**30:.1f} GiB; at most "
                             f"{MAX_STATE_BYTES >> 30} GiB are supported (lower model.max_seq)")
+    look_kb = knobs["prefetch.lookahead_kb"]
     meta = {
         "target": target.name,
         "dtype": dt.value,
         "num_sms": num_sms,
         "threads_per_block": knobs["threads_per_block"],
         "pipelining_depth": knobs["pipelining_depth"],
+        # L2 prefetch bytes for the runner (gpu.runtime.prefetch_sizes); None: the card's default.
+        "prefetch": {"own_bytes": knobs["prefetch.own_kb"] << 10,
+                     "lookahead_bytes": None if look_kb < 0 else look_kb << 10},
         "max_seq": max_seq,
         "model": cfg.to_json(),
         "knobs": knobs,

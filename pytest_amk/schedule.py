@@ -48,6 +48,9 @@ class Knob:
     lo: int = 0  # schema range for ints (inclusive)
     hi: int = 1 << 20
     multiple_of: int = 1
+    # Changes only how the GPU runner launches the program (recorded in its meta), not its tasks
+    # or the kernel build: the cost model cannot rank it, so a search on predicted fitness keeps it.
+    launch: bool = False
 
     def check(self, value: Any) -> str | None:
         """None if ``value`` fits the schema, else the reason."""
@@ -73,7 +76,8 @@ class Knob:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.kind.__name__, "default": self.default,
-                             "choices": list(self.choices), "doc": self.doc}
+                             "choices": list(self.choices), "doc": self.doc,
+                             "changes": "launch" if self.launch else "program"}
         if self.kind is int:
             d["range"] = [self.lo, self.hi]
         return d
@@ -104,6 +108,12 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          doc="query heads merged per attention-combine task (when attn_combine+gemv is not fused)"),
     Knob("fusion", list, DEFAULT_FUSIONS, (), doc="fused op pairs: " + ", ".join(
         "+".join(f) for f in FUSIONS)),
+    # L2 prefetch sizes (launch settings recorded in the program's meta; the GPU runner reads them).
+    Knob("prefetch.own_kb", int, 48, (0, 32, 48, 64, 96), lo=0, hi=1 << 16, launch=True,
+         doc="KB of each GEMV / LM-head task's first weight rows prefetched into L2 before its wait"),
+    Knob("prefetch.lookahead_kb", int, -1, (-1, 0, 128, 256, 384, 512), lo=-1, hi=1 << 16, launch=True,
+         doc="KB of each big weight task's first rows prefetched into L2 while the attention chain "
+             "before it runs; -1: the card's default (384 on an H100, 0 on an H200)"),
 )}
 
 

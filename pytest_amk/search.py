@@ -165,6 +165,9 @@ class Search:
     log: SearchLog
     seed: int = 0
     experiment: str = ""
+    # False: the fitness is the cost model's prediction, blind to launch knobs (Knob.launch),
+    # which then keep the start's values.
+    measured: bool = True
     trials: list[Trial] = field(default_factory=list)
     incumbent: Trial | None = None
 
@@ -187,11 +190,12 @@ class Search:
         if index == 0:
             return Trial(0, "start", dict(self.start.knobs), description="the file's schedule")
         rng = self._rng(index)
+        space = [n for n in KNOBS if self.measured or not KNOBS[n].launch]
         if self.incumbent is None or index % 2 == 1:
-            knobs = {name: rng.choice(knob_choices(name)) for name in KNOBS}
+            knobs = dict(self.start.knobs) | {name: rng.choice(knob_choices(name)) for name in space}
             return Trial(index, "explore", knobs, description="random point")
         knobs = dict(self.incumbent.knobs)
-        name = rng.choice([n for n in KNOBS if len(knob_choices(n)) > 1])
+        name = rng.choice([n for n in space if len(knob_choices(n)) > 1])
         options = [c for c in knob_choices(name) if c != knobs[name]]
         knobs[name] = rng.choice(options)
         return Trial(index, "exploit", knobs, description=f"{name} = {json.dumps(knobs[name])}")
@@ -391,7 +395,9 @@ def experiment_for(sf: ScheduleFile, start: Schedule, kind: str, calibration: An
     if calibration is not None:
         consts = [calibration.task_overhead_us, calibration.stage_sync_us, calibration.bw_fraction,
                   calibration.launch_us]
-    ident = json.dumps({"model": asdict(sf.model), "knobs": start.knobs,
+    # Launch knobs at their defaults are left out: experiments logged before they existed resume.
+    knobs = {k: v for k, v in start.knobs.items() if not (KNOBS[k].launch and v == KNOBS[k].default)}
+    ident = json.dumps({"model": asdict(sf.model), "knobs": knobs,
                         "seed": seed, "kind": kind, "cost": consts}, sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
     fitness = "gpu" if kind == "measured-gpu" else ("model-cal" if calibration is not None else "model")
@@ -517,7 +523,8 @@ def run_loop(sf: ScheduleFile, start: Schedule, budget: int, log_dir: str | Path
         return pipeline.run_schedule(sf, sched, device, n_steps)
 
     with exclusive(log_dir / "locks" / f"{slug(experiment)}.lock") as waited:
-        search = Search(sf, start, evaluate, SearchLog(log_dir), seed=seed, experiment=experiment)
+        search = Search(sf, start, evaluate, SearchLog(log_dir), seed=seed, experiment=experiment,
+                        measured=measured)
         before = len(search.trials)
         fitness = "measured GPU latency" if measured else f"{(cal or cost.DEFAULT).describe()} ({why})"
         if waited:

@@ -154,12 +154,11 @@ def schedule_docs(draw: st.DrawFn) -> str:
         for name in draw(st.lists(st.sampled_from(sorted(KNOBS)), max_size=3)):
             knob = KNOBS[name]
             good = draw(st.sampled_from(knob.choices or (knob.default,)))
-            sub, *rest = name.split(".")
-            if rest:  # dotted knobs as nested tables
-                t.setdefault(sub, {}).setdefault(rest[0], {})[rest[1]] = draw(
-                    st.one_of(st.just(good), st.sampled_from(HUGE), values))
-            else:
-                t[name] = draw(st.one_of(st.just(good), st.sampled_from(HUGE), values))
+            *tables, key = name.split(".")
+            node = t
+            for sub in tables:  # dotted knobs as nested tables
+                node = node.setdefault(sub, {})
+            node[key] = draw(st.one_of(st.just(good), st.sampled_from(HUGE), values))
         if draw(st.integers(0, 4)) == 0:
             t["expect"] = _maybe(draw, {"outcome": "rejected", "reason": "x", "tokens": 1})
         scheds.append(t)
@@ -347,11 +346,11 @@ def wellformed_docs(draw: st.DrawFn) -> str:
              "max_seq": draw(st.one_of(st.sampled_from((1, 2, 64, 1 << 20)), st.integers(1, 1 << 20)))}
     sched: dict[str, Any] = {"name": "x"}
     for name in draw(st.lists(st.sampled_from(sorted(KNOBS)), max_size=5, unique=True)):
-        sub, *rest = name.split(".")
-        if rest:
-            sched.setdefault(sub, {}).setdefault(rest[0], {})[rest[1]] = draw(knob_values(name))
-        else:
-            sched[name] = draw(knob_values(name))
+        *tables, key = name.split(".")
+        node = sched
+        for sub in tables:  # dotted knobs as nested tables
+            node = node.setdefault(sub, {})
+        node[key] = draw(knob_values(name))
     if draw(st.integers(0, 4)) == 0:
         sched["expect"] = {"outcome": "rejected"}
     return toml_doc({"model": model, "target": {"gpu": draw(st.sampled_from(sorted(TARGETS)))},

@@ -46,6 +46,22 @@ def test_rejected_candidate_is_logged_never_kept(tmp_path: Path) -> None:
     assert bad.outcome == "rejected" and not better(bad, search.incumbent)
 
 
+def test_launch_knobs_move_only_under_measured_fitness(tmp_path: Path) -> None:
+    """The cost model cannot see launch knobs (prefetch sizes): a search on predicted fitness
+    keeps the start's values in every proposal; one on measured latency varies them."""
+    from pytest_amk.schedule import KNOBS
+
+    launch = [n for n, k in KNOBS.items() if k.launch]
+    assert launch
+    search = toy_search(tmp_path, TOY)
+    search.incumbent = Trial(0, "start", dict(search.start.knobs))
+    start = {n: search.start.knobs[n] for n in launch}
+    for measured, want_change in ((False, False), (True, True)):
+        search.measured = measured
+        changed = [any(search.propose(i).knobs[n] != start[n] for n in launch) for i in range(1, 60)]
+        assert any(changed) == want_change, measured
+
+
 def test_keep_rule() -> None:
     def t(lat: float | None, kind: str = "predicted", outcome: str = "passed", **knobs: object) -> Trial:
         from pytest_amk.schedule import default_knobs

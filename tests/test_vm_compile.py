@@ -291,6 +291,27 @@ def test_lookahead_default_follows_the_card() -> None:
     assert default_lookahead_bytes("Some Future GPU") == DEFAULT_LOOKAHEAD_BYTES
 
 
+
+def test_prefetch_sizes_come_from_the_schedule_knobs() -> None:
+    """The prefetch.* knobs reach the runner through the program's meta: -1 (the default) leaves
+    the lookahead to the card, explicit runner arguments win, and a program without the entry
+    (older JSON) gets the defaults; a malformed entry is a clean ProgramCheckError."""
+    from pytest_amk.gpu.errors import ProgramCheckError
+    from pytest_amk.gpu.runtime import DEFAULT_LOOKAHEAD_BYTES, DEFAULT_PREFETCH_BYTES, prefetch_sizes
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    auto = _lowered("toy").meta
+    assert prefetch_sizes(auto, h100) == (DEFAULT_PREFETCH_BYTES, DEFAULT_LOOKAHEAD_BYTES)
+    assert prefetch_sizes(auto, h200) == (DEFAULT_PREFETCH_BYTES, 0)
+    set_ = _lowered("toy", **{"prefetch.own_kb": 32, "prefetch.lookahead_kb": 128}).meta
+    assert prefetch_sizes(set_, h200) == (32 << 10, 128 << 10)
+    assert prefetch_sizes(_lowered("toy", **{"prefetch.lookahead_kb": 0}).meta, h100)[1] == 0
+    assert prefetch_sizes(set_, h100, prefetch_bytes=0, lookahead_bytes=64) == (0, 64)
+    assert prefetch_sizes({}, h100) == (DEFAULT_PREFETCH_BYTES, DEFAULT_LOOKAHEAD_BYTES)
+    for bad in ({"prefetch": 5}, {"prefetch": {"own_bytes": -1}}, {"prefetch": {"lookahead_bytes": "big"}}):
+        with pytest.raises(ProgramCheckError, match="meta.prefetch"):
+            prefetch_sizes(bad, h100)
+
 @pytest.mark.parametrize("key", sorted(ir.FIXED_DTYPES), ids=lambda k: f"{k[0]}.{k[1]}")
 def test_fixed_dtypes_are_enforced_by_validator_and_launcher(key: tuple[str, str]) -> None:
     """ir.FIXED_DTYPES is the one table of fixed buffer dtypes: giving such a buffer another

@@ -25,17 +25,20 @@ from pytest_amk.gpu.errors import (
     ResidencyError,
     WatchdogTimeout,
 )
+from pytest_amk.schedule import KNOBS
 
 ERR_WORDS = 8  # AMK_ERR_WORDS in vm/amk_common.cuh
 FAULT_WATCHDOG, FAULT_BAD_OPCODE, FAULT_BAD_INPUT = 1, 2, 3
 DEFAULT_WATCHDOG_S = 2.0
-# L2 prefetch of an instruction's first weight bytes (0: off), split evenly over its weight ranges.
-# Measured on an H100 (1B shape, tools/trace_vm.py): 64 KB per range let the gate/up level's two
-# ranges flood HBM just as the O projection ends (that sync gap 2.3 us; 1.2 us at 32 KB a range);
+# L2 prefetch of an instruction's first weight bytes (0: off), split evenly over its weight ranges
+# (the default of the schedule knob prefetch.own_kb). Measured on an H100 (1B shape,
+# tools/trace_vm.py): 64 KB per range let the gate/up level's two ranges flood HBM just as the O
+# projection ends (that sync gap 2.3 us; 1.2 us at 32 KB a range);
 # 64 KB per instruction: 1185.5 -> 1176.5 us, 48 KB: 1165.6 us, 96 KB: 1197.1 us.
-DEFAULT_PREFETCH_BYTES = 48 << 10
-# Lookahead (0: off): a big weight task's first bytes (split evenly over its ranges), prefetched
-# into L2 while the small latency-bound stages before it run and HBM would idle. Measured on an
+DEFAULT_PREFETCH_BYTES = KNOBS["prefetch.own_kb"].default << 10
+# Lookahead (0: off; what the knob prefetch.lookahead_kb's default -1 means on most cards): a big
+# weight task's first bytes (split evenly over its ranges), prefetched into L2 while the small
+# latency-bound stages before it run and HBM would idle. Measured on an
 # H100 (1B shape, dev A/B in one process, 4 alternating rounds): 1099.7 us without; 256 KB
 # 1087.0 us (the gate/up level 390 -> 341 us, but the attention stage's sync gaps grow with the
 # traffic: issued right after the qkv projection, 1090.9 us); 128 KB 1090.3, 192 KB 1092.6,
@@ -59,6 +62,25 @@ def default_lookahead_bytes(device_name: str) -> int:
         if key in device_name.upper():
             return n
     return DEFAULT_LOOKAHEAD_BYTES
+
+
+def prefetch_sizes(meta: dict[str, Any], device_name: str, prefetch_bytes: int | None = None,
+                   lookahead_bytes: int | None = None) -> tuple[int, int]:
+    """(own, lookahead) L2 prefetch bytes of a launch: the arguments where given, else the
+    program's (meta "prefetch", from the schedule's prefetch.* knobs), else the defaults; a
+    lookahead of None is the card's (default_lookahead_bytes). Raises ProgramCheckError for a
+    malformed meta entry."""
+    pf = meta.get("prefetch", {}) if isinstance(meta, dict) else {}
+    if not isinstance(pf, dict):
+        raise ProgramCheckError(f"meta.prefetch must be an object, got {pf!r}")
+    for key in ("own_bytes", "lookahead_bytes"):
+        v = pf.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ProgramCheckError(f"meta.prefetch.{key} must be a non-negative integer or null, got {v!r}")
+    own = prefetch_bytes if prefetch_bytes is not None else pf.get("own_bytes")
+    look = lookahead_bytes if lookahead_bytes is not None else pf.get("lookahead_bytes")
+    return (DEFAULT_PREFETCH_BYTES if own is None else own,
+            default_lookahead_bytes(device_name) if look is None else look)
 
 
 LOOKAHEAD_MIN_BYTES = 128 << 10  # a "big" task: gate/up, down and LM head tiles of the 1B shape
@@ -284,12 +306,12 @@ class GpuRunner:
     size (e.g. ``refvm.alloc_buffers(program, weights, "cuda")``); they are used in
     place. ``validate`` runs the static validator first (fault-injection tests pass
     False); the memory-safety checks always run. ``watchdog_s`` bounds every wait.
-    ``prefetch_bytes`` and ``lookahead_bytes`` size the L2 prefetch (prefetch_table); without
-    a lookahead size, the card's (default_lookahead_bytes).
+    ``prefetch_bytes`` and ``lookahead_bytes`` size the L2 prefetch (prefetch_table); left
+    out, the program's (its schedule's prefetch.* knobs), else the defaults (prefetch_sizes).
     """
 
     def __init__(self, program: ir.Program, tensors: dict[int, Any], *, validate: bool = True,
-                 watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 watchdog_s: float = DEFAULT_WATCHDOG_S, prefetch_bytes: int | None = None,
                  lookahead_bytes: int | None = None, arch: str | None = None, trace: bool = False,
                  build: dict[str, Any] | None = None) -> None:
         import dataclasses
@@ -334,9 +356,8 @@ class GpuRunner:
         words = np.array([encode_task(t) for t in self.order] or [[0] * ir.INSTR_WORDS], dtype=np.int32)
         lens = np.array([len(q) for q in queues], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
-        if lookahead_bytes is None:
-            lookahead_bytes = default_lookahead_bytes(self.dev.name)
-        pf = prefetch_table(program, self.order, ptrs, prefetch_bytes, lookahead_bytes)
+        own, look = prefetch_sizes(program.meta, self.dev.name, prefetch_bytes, lookahead_bytes)
+        pf = prefetch_table(program, self.order, ptrs, own, look)
 
         def dev_tensor(a: Any) -> Any:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
