@@ -50,9 +50,11 @@ DEFAULT_LOOKAHEAD_BYTES = 384 << 10
 # Cards where the lookahead measured slower (a substring of the device name -> bytes). H200 (1B
 # shape, wide-blocks, tools/ab_vm.py, 4 alternating rounds, us at context 16 / 512): without
 # 900.6 / 913.0, with 256 KB 903.3 / 929.9, with 128 KB 902.4 / 918.4 (placed by LOOKAHEAD_MIN_GAP
-# alone; with the session-5 placement, 256 KB cost 12 / 26 us; the LOOKAHEAD_AFTER placement is not
-# measured there). Its faster HBM leaves a shorter idle window, and the flood still slows the
-# attention chain.
+# alone; with the session-5 placement, 256 KB cost 12 / 26 us). With the LOOKAHEAD_AFTER placement
+# (session 9, knob prefetch.lookahead_kb): off 880.7 / 895.3, 128 KB 876.3 / 897.0, 256 KB 876.4 /
+# 903.1, 384 KB 879.7 / 912.2; own prefetch 32 / 64 / 96 KB instead of 48: 889.3, 884.7, 913.8 at
+# context 16. Its faster HBM leaves a shorter idle window, and the flood still slows the attention
+# chain: at most 4 us gained at context 16 and lost again at 512.
 LOOKAHEAD_BYTES_BY_DEVICE = {"H200": 0}
 
 
