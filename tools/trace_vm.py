@@ -4,7 +4,8 @@ Builds the VM with AMK_TRACE (vm/amk_trace.cuh), runs one L2-flushed step of a
 schedule, and prints per stage kind (qkv, attn_partial, act, ...), averaged over
 layers: the stage's span (first task ready -> last task done), the mean and
 slowest task run time, the gap from the previous stage's last task to this
-stage's first ready task (the sync cost), and the weight bandwidth over the span.
+stage's first ready task (the sync cost), the weight bandwidth over the span,
+the spread of its tasks' ready times and its tail (median task's end -> last end).
 
     bash .device/run.sh python3 tools/trace_vm.py --model llama-3.2-1b-shape \
         --knobs threads_per_block=512,pipelining_depth=8 [--pos 15] [--variants name:k=v;...]
@@ -89,6 +90,10 @@ def analyse(prog: Any, order: list[Any], tr: Any, bw_gbps: float) -> dict[str, A
         a["bytes"].append(s["bytes"])
         a["floor"].append(s["bytes"] / bw_gbps)  # ns
         a["tasks"].append(len(s["run"]))
+        # How unevenly the stage starts and ends: the spread of its tasks' ready times, and the
+        # tail from the median task's end to the last one's (HBM under-used while it drains).
+        a["start_spread"].append(max(s["ready"]) - min(s["ready"]))
+        a["tail"].append(max(s["end"]) - float(np.median(s["end"])))
         prev_end = max(s["end"])
     total = ns[:, 2].max() - t0
     res = {"total_ns": total, "kinds": {}}
@@ -169,11 +174,12 @@ def main() -> int:
               f"{len(prog.tasks)} tasks, trace span {res['total_ns'] / 1e3:.1f} us, globaltimer step "
               f"{res['globaltimer_resolution_ns']:.0f} ns", flush=True)
         print(f"{'stage':<16}{'n':>4}{'tasks':>6}{'span us':>9}{'gap us':>8}{'floor us':>9}{'run avg':>8}"
-              f"{'run max':>8}{'GB/s':>7}")
+              f"{'run max':>8}{'GB/s':>7}{'start sprd':>11}{'tail':>6}")
         for k, a in sorted(res["kinds"].items(), key=lambda kv: -kv[1]["span"] - kv[1]["gap"]):
             gbs = a["bytes"] / a["span"] if a["span"] > 0 else 0.0
             print(f"{k:<16}{a['count']:>4}{a['tasks']:>6.0f}{a['span'] / 1e3:>9.1f}{a['gap'] / 1e3:>8.1f}"
-                  f"{a['floor'] / 1e3:>9.1f}{a['run_mean'] / 1e3:>8.2f}{a['run_max'] / 1e3:>8.2f}{gbs:>7.0f}")
+                  f"{a['floor'] / 1e3:>9.1f}{a['run_mean'] / 1e3:>8.2f}{a['run_max'] / 1e3:>8.2f}{gbs:>7.0f}"
+                  f"{a['start_spread'] / 1e3:>11.2f}{a['tail'] / 1e3:>6.2f}")
         tot_span = sum(a["span"] for a in res["kinds"].values()) / 1e3
         tot_gap = sum(a["gap"] for a in res["kinds"].values()) / 1e3
         print(f"{'total':<16}{'':>10}{tot_span:>9.1f}{tot_gap:>8.1f}")
