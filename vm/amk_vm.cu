@@ -5,8 +5,9 @@
 // every (counter, threshold) of the instruction is met, run the op with all
 // threads, then signal: one thread adds 1 to the signal counter (release).
 //
-// Ordering: the waiting thread polls each counter with ld.acquire.gpu; the
-// barrier that follows hands the acquire to the other threads. After the op, a
+// Ordering: the waiting thread polls each counter with relaxed loads and, once it is met,
+// makes that an acquire with one fence (see poll_met); the barrier that follows hands the
+// acquire to the other threads. After the op, a
 // barrier, then one thread's red.release.gpu add on the signal counter (release;
 // cumulative over the writes the barrier ordered before it).
 //
@@ -28,10 +29,22 @@
 #include "amk_trace.cuh"  // first: the ops take marks (AMK_TRACE_AT)
 #include "amk_ops.cuh"
 
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
     unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
+}
+
+// After a relaxed poll saw the counter met: the acquire pattern (PTX memory model: a relaxed
+// load that observes the release, then an acquire fence), so the op's reads come after the
+// producers' writes. fence.acquire (PTX 8.6, sm_90) is the one-way fence; before sm_90 the
+// two-way acq_rel.
+__device__ __forceinline__ void poll_met() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.acquire.gpu;" ::: "memory");
+#else
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
@@ -42,16 +55,20 @@ __device__ __forceinline__ long long now_ns() {
     return (long long)t;
 }
 
-// Thread 0 only: spin until counters[c] >= thr. Returns 1 when the block must stop
-// (watchdog or another block's fault). Polls with ld.acquire and no back-off: measured on
-// an H100 (NOP skeleton of the Llama-1B program), faster than relaxed polls + one
-// fence.acq_rel (185 vs 217 us), and dropping a 32 ns __nanosleep saved ~10% of the sync
-// time on its own. A fault record's extra word is the step (0 for a one-step launch).
+// Thread 0 only: spin until counters[c] >= thr (relaxed: the caller runs poll_met once every
+// wait of the instruction is met). Returns 1 when the block must stop (watchdog or another
+// block's fault). Polls with no back-off: dropping a 32 ns __nanosleep saved ~10% of the sync
+// time. Relaxed polls and one acquire fence instead of an ld.acquire per poll (which also
+// invalidated L1 on every poll, CCTL.IVALL in the SASS), measured on an H100 (1B shape,
+// tools/ab_vm.py, session 9): the NOP skeleton 146.7 against 154.7 us, the step 1040.2 / 1073.8
+// against 1043.0 / 1078.7 us at context 16 / 512. (With the two-way fence.acq_rel, before
+// fence.acquire existed, the skeleton had measured 217 against 185 us.) A fault record's extra
+// word is the step (0 for a one-step launch).
 // t0: when the first unmet poll of this instruction's waits began (-1: not yet).
 __device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* err, int sm, int instr, int op,
                             int step, long long budget_ns, long long& t0) {
     for (;;) {
-        const unsigned v = ld_acquire(counters + c);
+        const unsigned v = ld_relaxed(counters + c);
         if (v >= thr) return 0;
         if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
         if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
@@ -175,6 +192,7 @@ amk_vm(const int* __restrict__ instrs, const int* __restrict__ queue_start, cons
                                error_record, sm, gi, cur[AMK_W_OP], s, watchdog_ns, t0)
                 : 0;
             if (!stop) stop = wait_all(cur, counters, counter_step, s, error_record, sm, gi, watchdog_ns);
+            if (!stop) poll_met();  // the acquire of every wait above, before the op's reads
             s_stop = stop;
         }
         if (has_next && tid < AMK_INSTR_WORDS) s_ins[par ^ 1][tid] = next_word;
