@@ -60,8 +60,8 @@ __device__ __forceinline__ long long now_ns() {
 // block's fault). Polls with no back-off: dropping a 32 ns __nanosleep saved ~10% of the sync
 // time. Relaxed polls and one acquire fence instead of an ld.acquire per poll (which also
 // invalidated L1 on every poll, CCTL.IVALL in the SASS), measured on an H100 (1B shape,
-// tools/ab_vm.py, session 9): the NOP skeleton 146.7 against 154.7 us, the step 1040.2 / 1073.8
-// against 1043.0 / 1078.7 us at context 16 / 512. (With the two-way fence.acq_rel, before
+// tools/ab_vm.py, 6 rounds, session 9): the NOP skeleton 146.7 against 156.3 us, the step 1040.5 /
+// 1073.9 against 1042.8 / 1078.9 us at context 16 / 512. (With the two-way fence.acq_rel, before
 // fence.acquire existed, the skeleton had measured 217 against 185 us.) A fault record's extra
 // word is the step (0 for a one-step launch).
 // t0: when the first unmet poll of this instruction's waits began (-1: not yet).
