@@ -134,6 +134,14 @@ def toml_doc(doc: dict[str, Any]) -> str:
     return "\n".join(head + body) + "\n"
 
 
+def set_knob(table: dict[str, Any], name: str, value: Any) -> None:
+    """Put knob ``name`` into a schedule table, a dotted name as nested tables."""
+    *tables, key = name.split(".")
+    for sub in tables:
+        table = table.setdefault(sub, {})
+    table[key] = value
+
+
 def _maybe(draw: st.DrawFn, good: Any) -> Any:
     """Mostly a sensible value, else an adversarial one."""
     return good if draw(st.integers(0, 9)) < 6 else draw(values)
@@ -154,11 +162,7 @@ def schedule_docs(draw: st.DrawFn) -> str:
         for name in draw(st.lists(st.sampled_from(sorted(KNOBS)), max_size=3)):
             knob = KNOBS[name]
             good = draw(st.sampled_from(knob.choices or (knob.default,)))
-            *tables, key = name.split(".")
-            node = t
-            for sub in tables:  # dotted knobs as nested tables
-                node = node.setdefault(sub, {})
-            node[key] = draw(st.one_of(st.just(good), st.sampled_from(HUGE), values))
+            set_knob(t, name, draw(st.one_of(st.just(good), st.sampled_from(HUGE), values)))
         if draw(st.integers(0, 4)) == 0:
             t["expect"] = _maybe(draw, {"outcome": "rejected", "reason": "x", "tokens": 1})
         scheds.append(t)
@@ -346,11 +350,7 @@ def wellformed_docs(draw: st.DrawFn) -> str:
              "max_seq": draw(st.one_of(st.sampled_from((1, 2, 64, 1 << 20)), st.integers(1, 1 << 20)))}
     sched: dict[str, Any] = {"name": "x"}
     for name in draw(st.lists(st.sampled_from(sorted(KNOBS)), max_size=5, unique=True)):
-        *tables, key = name.split(".")
-        node = sched
-        for sub in tables:  # dotted knobs as nested tables
-            node = node.setdefault(sub, {})
-        node[key] = draw(knob_values(name))
+        set_knob(sched, name, draw(knob_values(name)))
     if draw(st.integers(0, 4)) == 0:
         sched["expect"] = {"outcome": "rejected"}
     return toml_doc({"model": model, "target": {"gpu": draw(st.sampled_from(sorted(TARGETS)))},
