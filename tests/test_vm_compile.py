@@ -291,7 +291,6 @@ def test_lookahead_default_follows_the_card() -> None:
     assert default_lookahead_bytes("Some Future GPU") == DEFAULT_LOOKAHEAD_BYTES
 
 
-
 def test_prefetch_sizes_come_from_the_schedule_knobs() -> None:
     """The prefetch.* knobs reach the runner through the program's meta: -1 (the default) leaves
     the lookahead to the card, explicit runner arguments win, and a program without the entry
@@ -311,6 +310,7 @@ def test_prefetch_sizes_come_from_the_schedule_knobs() -> None:
     for bad in ({"prefetch": 5}, {"prefetch": {"own_bytes": -1}}, {"prefetch": {"lookahead_bytes": "big"}}):
         with pytest.raises(ProgramCheckError, match="meta.prefetch"):
             prefetch_sizes(bad, h100)
+
 
 @pytest.mark.parametrize("key", sorted(ir.FIXED_DTYPES), ids=lambda k: f"{k[0]}.{k[1]}")
 def test_fixed_dtypes_are_enforced_by_validator_and_launcher(key: tuple[str, str]) -> None:

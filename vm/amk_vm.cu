@@ -5,11 +5,11 @@
 // every (counter, threshold) of the instruction is met, run the op with all
 // threads, then signal: one thread adds 1 to the signal counter (release).
 //
-// Ordering: the waiting thread polls each counter with relaxed loads and, once it is met,
-// makes that an acquire with one fence (see poll_met); the barrier that follows hands the
-// acquire to the other threads. After the op, a
-// barrier, then one thread's red.release.gpu add on the signal counter (release;
-// cumulative over the writes the barrier ordered before it).
+// Ordering: the waiting thread polls each counter with relaxed loads and, once every wait
+// is met, makes them an acquire with one fence (poll_met); the barrier that follows hands
+// the acquire to the other threads. After the op, a barrier, then one thread's
+// red.release.gpu add on the signal counter (release; cumulative over the writes the
+// barrier ordered before it).
 //
 // Watchdog: a wait that lasts longer than watchdog_ns (%globaltimer, ns) writes
 // the error record and aborts; every other waiting block sees the record and
