@@ -13,7 +13,9 @@ between rounds is about +-3 us on the 1B shape, so compare variants of one run o
 A variant is GpuRunner keyword arguments (prefetch_bytes, lookahead_bytes, build, ...), plus
 "vm": a directory of VM sources (a changed copy of vm/) to build that variant from, "knobs":
 lowering knobs added to --knobs, and "nop": true to time the program's sync skeleton (every
-task a NOP with the same queues, waits and signals; its logits are not compared).
+task a NOP with the same queues, waits and signals; its logits are not compared), or "nowait":
+true to time the program with every wait dropped (the work alone, each queue running flat
+out: the streaming bound of the VM's ops; its logits are garbage and not compared).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
         kw = dict(kw)
         kw.pop("knobs", None)
         kw.pop("nop", None)
+        kw.pop("nowait", None)
         prog, bufs = programs[name]
         vm = kw.pop("vm", None)
         old = os.environ.get("AMK_VM_DIR")
@@ -49,6 +52,19 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
             else:
                 os.environ["AMK_VM_DIR"] = old
     return runners
+
+
+def without_waits(prog: Any) -> Any:
+    """The program with no waits: every queue runs its tasks back to back (timing only)."""
+    from pytest_amk import ir
+
+    tasks = [ir.Task(t.id, t.op, t.sm, list(t.reads), list(t.writes), [], t.signal, dict(t.params))
+             for t in prog.tasks]
+    return ir.Program(prog.buffers, prog.counters, tasks, dict(prog.meta))
+
+
+def timing_only(kw: dict[str, Any]) -> bool:
+    return bool(kw.get("nop") or kw.get("nowait"))
 
 
 def main() -> int:
@@ -78,16 +94,20 @@ def main() -> int:
     by_knobs: dict[str, tuple[Any, dict[int, Any]]] = {}
     programs = {}
     for name, kw in variants.items():
-        key = json.dumps([kw.get("knobs", {}), bool(kw.get("nop"))], sort_keys=True)
+        key = json.dumps([kw.get("knobs", {}), bool(kw.get("nop")), bool(kw.get("nowait"))], sort_keys=True)
         if key not in by_knobs:
             prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **(base_knobs | kw.get("knobs", {})))
             if weights is None:
                 weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
             bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
-            by_knobs[key] = (prog.sync_skeleton() if kw.get("nop") else prog, bufs)
+            if kw.get("nop"):
+                prog = prog.sync_skeleton()
+            if kw.get("nowait"):
+                prog = without_waits(prog)
+            by_knobs[key] = (prog, bufs)
         programs[name] = by_knobs[key]
     runners = make_runners(programs, variants)
-    computing = [n for n in runners if not variants[n].get("nop")]  # skeletons compute nothing
+    computing = [n for n in runners if not timing_only(variants[n])]
     first = computing[0] if computing else ""
     same = True
     for p in positions if first else []:
