@@ -311,3 +311,17 @@ def test_amk_bench_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[
     if not torch.cuda.is_available():
         assert cli.main(["bench", str(toy)]) == 1
         assert "amk bench: error: needs a usable CUDA GPU" in capsys.readouterr().err
+
+
+def test_buffers_key_is_shared_by_a_program_and_its_skeleton_only() -> None:
+    """amk bench times the sync skeleton on the best schedule's tensors (no second upload):
+    harness.runner_for reuses tensors exactly when buffers_key matches."""
+    from pytest_amk.schedule import parse_text
+
+    sf = parse_text(toy_toml('name = "a"', 'name = "b"\ntiling.attention.kv_block = 16'))
+    prog_a, prog_b = (pipeline.lower_schedule(sf, s) for s in sf.schedules)
+    key = harness.buffers_key(prog_a, sf.model)
+    assert harness.buffers_key(prog_a.sync_skeleton(), sf.model) == key
+    assert harness.buffers_key(prog_b, sf.model) != key  # other partial buffers
+    other_seed = parse_text(toy_toml('name = "a"', seed=7))
+    assert harness.buffers_key(prog_a, other_seed.model) != key  # other weights

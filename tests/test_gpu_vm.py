@@ -169,6 +169,22 @@ def test_timing_gives_a_median() -> None:
     print(f"toy-4L bf16: {t.median_us:.1f} us on {t.device_name}")
 
 
+def test_runner_for_reuses_the_tensors_for_the_sync_skeleton() -> None:
+    from helpers import toy_toml
+
+    from pytest_amk import pipeline
+    from pytest_amk.gpu import harness
+    from pytest_amk.schedule import parse_text
+
+    sf = parse_text(toy_toml('name = "a"', 'name = "b"\ntiling.attention.kv_block = 16'))
+    prog, other = (pipeline.lower_schedule(sf, s) for s in sf.schedules)
+    runner = harness.runner_for(prog, sf)
+    skel = harness.runner_for(prog.sync_skeleton(), sf)
+    assert skel is not runner and skel.tensors is runner.tensors
+    assert skel.time_step(1, 0, warmup=1, iters=3).median_us > 0
+    assert harness.runner_for(other, sf).tensors is not runner.tensors
+
+
 def test_sync_skeleton_runs_and_is_faster_than_the_step() -> None:
     from pytest_amk import refvm
 
