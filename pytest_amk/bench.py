@@ -30,6 +30,11 @@ FLOOR_NAME = "floor (weights+KV / measured BW)"
 # signals cost alone. A step cannot beat it any more than it can beat the bandwidth floor.
 SKELETON_SUFFIX = "sync skeleton"
 SKELETON_NOTE = "same queues, waits and signals (the sync floor)"
+# The best schedule's program with every wait dropped (ir.Program.without_waits): its work alone,
+# each queue flat out. The step is about this plus whatever of the skeleton does not overlap it.
+WORK_SUFFIX = "work alone"
+WORK_NOTE = "every wait dropped, each queue flat out (results garbage: a bound, not a step)"
+BOUND_KINDS = ("skeleton", "work")  # rows that bound the step rather than run it
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,7 @@ def baselines(model: Any, pos: int = 15, runs: int = 30, compile_: bool = True) 
 @dataclass
 class Row:
     name: str
-    kind: str  # "megakernel" | "long-context" | "skeleton" | "baseline"
+    kind: str  # "megakernel" | "long-context" | "skeleton" | "work" | "baseline"
     median_us: float | None
     floor_us: float | None
     note: str = ""
@@ -221,9 +226,10 @@ def format_table(rows: Sequence[Row | tuple[Any, ...]], floor: float, ref_us: fl
         if us is None:
             lines.append(f"{name:44s} {'-':>10s} {'-':>8s} {'-':>10s} {'-':>8s}  {note}".rstrip())
             continue
-        # A skeleton does no work: only its ratio to the floor means anything.
-        vs = f"{ref_us / us:7.2f}x" if ref_us and kind != "skeleton" else f"{'-':>8s}"
-        pct = f"{100 * f / us:10.1f}" if kind != "skeleton" else f"{'-':>10s}"
+        # A bound (the skeleton, the work alone) is not a step: only its ratio to the floor means anything.
+        bound = kind in BOUND_KINDS
+        vs = f"{ref_us / us:7.2f}x" if ref_us and not bound else f"{'-':>8s}"
+        pct = f"{100 * f / us:10.1f}" if not bound else f"{'-':>10s}"
         lines.append(f"{name:44s} {us:10.1f} {us / f:8.2f} {pct} {vs}  {note}".rstrip())
     return "\n".join(lines)
 
@@ -305,6 +311,8 @@ def bench_file(path: str, gpu_name: str | None = None, steps: int = 2, pos: int 
         skel = gpu.time_program(program.sync_skeleton(), sf, pos=pos, rounds=runs)
         rows.append(Row(f"{row.name} {SKELETON_SUFFIX}", "skeleton", skel.median_us, row.floor_us,
                         f"every task a NOP: {SKELETON_NOTE}"))
+        work = gpu.time_program(program.without_waits(), sf, pos=pos, rounds=runs)
+        rows.append(Row(f"{row.name} {WORK_SUFFIX}", "work", work.median_us, row.floor_us, WORK_NOTE))
     model = pipeline.eager_model(m.id, m.dtype, m.seed, m.max_seq)
     if floor is None:  # no schedule ran: the floor from the model's weights and KV
         weights = sum(t.numel() * t.element_size() for t in model.w.values())
@@ -338,7 +346,7 @@ def write_chart(path: str | Path, report: BenchReport) -> Path | None:
 
     rows = [r for r in report.rows if r.median_us]
     colors = {"megakernel": "tab:green", "long-context": "yellowgreen", "skeleton": "lightsteelblue",
-              "baseline": "tab:gray"}
+              "work": "lightsteelblue", "baseline": "tab:gray"}
     fig = Figure(figsize=(9, 1.2 + 0.45 * max(1, len(rows))), dpi=100)
     ax = fig.add_subplot()
     ys = list(range(len(rows)))[::-1]

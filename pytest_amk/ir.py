@@ -357,6 +357,14 @@ class Program:
         tasks = [Task(t.id, "NOP", t.sm, [], [], list(t.waits), t.signal, {}) for t in self.tasks]
         return Program(self.buffers, self.counters, tasks, dict(self.meta))
 
+    def without_waits(self) -> Program:
+        """The same tasks with every wait dropped: each queue runs its tasks back to back. Timed on
+        a GPU it gives the step's work alone, a lower bound of the step beside the sync skeleton.
+        Its tasks race (the validator rejects it) and its results mean nothing: time it only."""
+        tasks = [Task(t.id, t.op, t.sm, list(t.reads), list(t.writes), [], t.signal, dict(t.params))
+                 for t in self.tasks]
+        return Program(self.buffers, self.counters, tasks, dict(self.meta))
+
     # -- JSON ------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

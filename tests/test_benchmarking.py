@@ -277,6 +277,7 @@ def test_bench_table_ratios_and_chart(tmp_path: Path) -> None:
     rows = [bench.Row("megakernel default", "megakernel", 20.0, 10.0, "1 tasks"),
             bench.Row("megakernel default @ context 512", "long-context", 21.0, 10.5, "+5.0% vs context 16"),
             bench.Row("megakernel default sync skeleton", "skeleton", 5.0, 10.0, "every task a NOP"),
+            bench.Row("megakernel default work alone", "work", 16.0, 10.0, bench.WORK_NOTE),
             bench.Row(bench.EAGER, "baseline", 400.0, 10.0),
             bench.Row(bench.GRAPH, "baseline", 80.0, 10.0),
             bench.Row(bench.COMPILED, "baseline", None, None, "failed: boom")]
@@ -289,6 +290,8 @@ def test_bench_table_ratios_and_chart(tmp_path: Path) -> None:
     assert "failed: boom" in table and "+5.0% vs context 16" in table
     skel = next(line for line in lines if line.startswith("megakernel default sync skeleton"))
     assert skel.split()[4:8] == ["5.0", "0.50", "-", "-"]  # a skeleton does no work: only x floor
+    work = next(line for line in lines if line.startswith("megakernel default work alone"))
+    assert work.split()[4:8] == ["16.0", "1.60", "-", "-"]  # a bound too, not a step
     assert lines[-1] == ("best: megakernel default, 20.0 us = 50.0% of roofline, 4.00x the speed of "
                          "torch CUDA graph")
     out = bench.write_chart(tmp_path / "chart.png", report)

@@ -185,12 +185,13 @@ def test_runner_for_reuses_the_tensors_for_the_sync_skeleton() -> None:
     assert harness.runner_for(other, sf).tensors is not runner.tensors
 
 
-def test_sync_skeleton_runs_and_is_faster_than_the_step() -> None:
+def test_sync_skeleton_and_work_alone_run_and_are_faster_than_the_step() -> None:
     from pytest_amk import refvm
 
     prog = T.lowered("toy-4L", "bf16", max_seq=64)
     bufs = refvm.alloc_buffers(prog, T.random_weights(prog), f"cuda:{gpu.device_info().index}")
     step = gpu.GpuRunner(prog, bufs, validate=False).time_step(1, 0, warmup=2, iters=9).median_us
     skel = gpu.GpuRunner(prog.sync_skeleton(), bufs, validate=False).time_step(1, 0, warmup=2, iters=9).median_us
-    assert 0 < skel < step, (skel, step)
-    print(f"toy-4L bf16: step {step:.1f} us, sync skeleton {skel:.1f} us")
+    work = gpu.GpuRunner(prog.without_waits(), bufs, validate=False).time_step(1, 0, warmup=2, iters=9).median_us
+    assert 0 < skel < step and 0 < work < step, (skel, work, step)
+    print(f"toy-4L bf16: step {step:.1f} us, sync skeleton {skel:.1f} us, work alone {work:.1f} us")

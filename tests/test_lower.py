@@ -103,3 +103,16 @@ def test_sync_skeleton_keeps_queues_waits_and_signals_only() -> None:
     assert any(t.op != "NOP" for t in p.tasks)  # the original is untouched
     # No deadlock or race; only the outputs are left unwritten (it computes nothing).
     assert {e.code for e in validate(s).errors} == {"unwritten-output"}
+
+
+def test_without_waits_keeps_the_work_and_is_rejected_by_the_validator() -> None:
+    from pytest_amk.gpu.checks import check_program
+    from pytest_amk.validate import validate
+
+    p = lower_small()
+    w = p.without_waits()
+    assert [(t.id, t.op, t.sm, t.reads, t.writes, t.signal, t.params) for t in w.tasks] == \
+        [(t.id, t.op, t.sm, t.reads, t.writes, t.signal, t.params) for t in p.tasks]
+    assert not any(t.waits for t in w.tasks) and any(t.waits for t in p.tasks)  # the original keeps its own
+    assert check_program(w) == []  # still memory-safe to launch (timing only) ...
+    assert "race" in {e.code for e in validate(w).errors}  # ... but never a program the pipeline runs

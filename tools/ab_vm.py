@@ -54,15 +54,6 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
     return runners
 
 
-def without_waits(prog: Any) -> Any:
-    """The program with no waits: every queue runs its tasks back to back (timing only)."""
-    from pytest_amk import ir
-
-    tasks = [ir.Task(t.id, t.op, t.sm, list(t.reads), list(t.writes), [], t.signal, dict(t.params))
-             for t in prog.tasks]
-    return ir.Program(prog.buffers, prog.counters, tasks, dict(prog.meta))
-
-
 def timing_only(kw: dict[str, Any]) -> bool:
     return bool(kw.get("nop") or kw.get("nowait"))
 
@@ -103,7 +94,7 @@ def main() -> int:
             if kw.get("nop"):
                 prog = prog.sync_skeleton()
             if kw.get("nowait"):
-                prog = without_waits(prog)
+                prog = prog.without_waits()
             by_knobs[key] = (prog, bufs)
         programs[name] = by_knobs[key]
     runners = make_runners(programs, variants)
