@@ -245,7 +245,10 @@ __device__ void op_rope_append(const AmkCtx& c) {
     }
     const int rep = nh / nkv, half = D / 2;
     const float* rt = rope + (size_t)pos * D;  // [half][2] = (cos, sin)
-    // q heads of this group, then the k head: rotate-half in fp32, one rounding each.
+    // q heads of this group, then the k head: rotate-half in fp32, one rounding each. The fused
+    // ROPE_ATTN_PARTIAL (op_attention) does the same with other destinations. Written twice on
+    // purpose: shared as one helper, the kernel's register allocation changed and the fp32
+    // 1024-thread build spilled (session 10).
     for (int idx = threadIdx.x; idx < (rep + 1) * half; idx += AMK_THREADS) {
         const int hl = idx / half, i = idx - hl * half;
         const amk_t* src;
