@@ -1,6 +1,7 @@
 """The GPU stages of a schedule (called by pytest_amk.pipeline): check against the
 reference VM's logits, and time. One runner (weights on the GPU) is kept for the
-last program so that checking and timing it upload the weights once."""
+last program so that checking and timing it upload the weights once; a next program
+with the same buffers (its sync skeleton, its work alone) shares those tensors."""
 
 from __future__ import annotations
 
