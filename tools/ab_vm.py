@@ -27,6 +27,8 @@ import statistics
 import sys
 from typing import Any
 
+TOOL_KEYS = ("knobs", "nop", "nowait")  # variant keys of this tool's own, not GpuRunner arguments
+
 
 def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
                  variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -35,10 +37,7 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
 
     runners = {}
     for name, kw in variants.items():
-        kw = dict(kw)
-        kw.pop("knobs", None)
-        kw.pop("nop", None)
-        kw.pop("nowait", None)
+        kw = {k: v for k, v in kw.items() if k not in TOOL_KEYS}
         prog, bufs = programs[name]
         vm = kw.pop("vm", None)
         old = os.environ.get("AMK_VM_DIR")
@@ -82,21 +81,23 @@ def main() -> int:
     print(f"device: {dev.name}", flush=True)
     base_knobs = json.loads(args.knobs)
     weights = None
+    # One lowering and one set of buffers per distinct "knobs"; a skeleton or wait-free variant is
+    # derived from it and shares its buffers (it is only timed, after the logits are compared).
     by_knobs: dict[str, tuple[Any, dict[int, Any]]] = {}
     programs = {}
     for name, kw in variants.items():
-        key = json.dumps([kw.get("knobs", {}), bool(kw.get("nop")), bool(kw.get("nowait"))], sort_keys=True)
+        key = json.dumps(kw.get("knobs", {}), sort_keys=True)
         if key not in by_knobs:
             prog = T.lowered(args.model, args.dtype, max_seq=args.max_seq, **(base_knobs | kw.get("knobs", {})))
             if weights is None:
                 weights = T.random_weights(prog, seed=0, device=f"cuda:{dev.index}")
-            bufs = refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}")
-            if kw.get("nop"):
-                prog = prog.sync_skeleton()
-            if kw.get("nowait"):
-                prog = prog.without_waits()
-            by_knobs[key] = (prog, bufs)
-        programs[name] = by_knobs[key]
+            by_knobs[key] = (prog, refvm.alloc_buffers(prog, weights, f"cuda:{dev.index}"))
+        prog, bufs = by_knobs[key]
+        if kw.get("nop"):
+            prog = prog.sync_skeleton()
+        if kw.get("nowait"):
+            prog = prog.without_waits()
+        programs[name] = (prog, bufs)
     runners = make_runners(programs, variants)
     computing = [n for n in runners if not timing_only(variants[n])]
     first = computing[0] if computing else ""
