@@ -55,15 +55,18 @@ __device__ __forceinline__ long long now_ns() {
     return (long long)t;
 }
 
-// Thread 0 only: spin until counters[c] >= thr (relaxed: the caller runs poll_met once every
-// wait of the instruction is met). Returns 1 when the block must stop (watchdog or another
-// block's fault). Polls with no back-off: dropping a 32 ns __nanosleep saved ~10% of the sync
-// time. Relaxed polls and one acquire fence instead of an ld.acquire per poll (which also
-// invalidated L1 on every poll, CCTL.IVALL in the SASS), measured on an H100 (1B shape,
-// tools/ab_vm.py, 6 rounds, session 9): the NOP skeleton 146.7 against 156.3 us, the step 1040.5 /
-// 1073.9 against 1042.8 / 1078.9 us at context 16 / 512. (With the two-way fence.acq_rel, before
-// fence.acquire existed, the skeleton had measured 217 against 185 us.) A fault record's extra
-// word is the step (0 for a one-step launch).
+// Thread 0 only: spin until counters[c] >= thr (the step barrier; wait_all below polls an
+// instruction's waits the same way). Relaxed loads: the caller runs poll_met once every wait is met.
+// Returns 1 when the block must stop (watchdog or another block's fault). Polls with no back-off:
+// dropping a 32 ns __nanosleep saved ~10% of the sync time. Relaxed polls and one acquire fence
+// instead of an ld.acquire per poll (which also invalidated L1 on every poll, CCTL.IVALL in the
+// SASS), measured on an H100 (1B shape, tools/ab_vm.py, 6 rounds, session 9): the NOP skeleton
+// 146.7 against 156.3 us, the step 1040.5 / 1073.9 against 1042.8 / 1078.9 us at context 16 / 512.
+// (With the two-way fence.acq_rel, before fence.acquire existed, the skeleton had measured 217
+// against 185 us.) The error code is loaded only after an unmet poll: loaded with every poll (one
+// round trip a poll instead of two) the skeleton measured 150.1 against 146.7 us (session 11),
+// though a stand-alone sync micro-benchmark was 9% faster with it. A fault record's extra word is
+// the step (0 for a one-step launch).
 // t0: when the first unmet poll of this instruction's waits began (-1: not yet).
 __device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* err, int sm, int instr, int op,
                             int step, long long budget_ns, long long& t0) {
@@ -80,17 +83,40 @@ __device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* 
 }
 
 // Thread 0 only: every (counter, threshold) of the instruction, thresholds shifted to step s.
+// Each poll loads all of the instruction's counters at once instead of one wait after another,
+// which cost a block that arrives after its waits were met a round trip for each wait (the O
+// projection and down have two). H100, tools/ab_vm.py, 6 rounds (session 11): the 1B skeleton
+// 132.0 against 146.7 us, the step 1032.7 / 1069.6 against 1037.6 / 1075.3 us at context 16 /
+// 512; toy-4L 92.4 against 93.3 us, its skeleton 35.3 against 38.5. Same budget and fault record
+// as wait_counter (the first unmet wait is reported).
 __device__ int wait_all(const int* ins, const unsigned* counters, const unsigned* counter_step, int s, int* err,
                         int sm, int instr, long long budget_ns) {
-    long long t0 = -1;
-#pragma unroll 1
+    int cs[AMK_MAX_WAITS];
+    unsigned thr[AMK_MAX_WAITS];
+#pragma unroll
     for (int w = 0; w < AMK_MAX_WAITS; ++w) {
-        const int c = ins[AMK_W_WAIT_COUNTER(w)];
-        if (c < 0) continue;
-        const unsigned thr = (unsigned)ins[AMK_W_WAIT_THRESHOLD(w)] + (s ? (unsigned)s * __ldg(counter_step + c) : 0u);
-        if (wait_counter(counters, c, thr, err, sm, instr, ins[AMK_W_OP], s, budget_ns, t0)) return 1;
+        cs[w] = ins[AMK_W_WAIT_COUNTER(w)];
+        thr[w] = cs[w] < 0 ? 0u
+                           : (unsigned)ins[AMK_W_WAIT_THRESHOLD(w)] + (s ? (unsigned)s * __ldg(counter_step + cs[w]) : 0u);
     }
-    return 0;
+    long long t0 = -1;
+    for (;;) {
+        unsigned v[AMK_MAX_WAITS];
+#pragma unroll
+        for (int w = 0; w < AMK_MAX_WAITS; ++w) v[w] = cs[w] < 0 ? 0u : ld_relaxed(counters + cs[w]);
+        int uc = -1;  // the first unmet wait (no dynamic index: the arrays stay in registers)
+        unsigned uv = 0, ut = 0;
+#pragma unroll
+        for (int w = AMK_MAX_WAITS - 1; w >= 0; --w)
+            if (v[w] < thr[w]) uc = cs[w], uv = v[w], ut = thr[w];
+        if (uc < 0) return 0;
+        if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
+        if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
+        if (now_ns() - t0 > budget_ns) {
+            raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, ins[AMK_W_OP], uc, (int)uv, (int)ut, s);
+            return 1;
+        }
+    }
 }
 
 // K-step launch, thread 0 of the ARGMAX task right after the op (it wrote next_token
