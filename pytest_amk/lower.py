@@ -12,6 +12,7 @@ only point to earlier stages, so the program is deadlock free by construction
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,3 +353,48 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
         "knobs": knobs,
     }
     return Program(b.buffers, b.counters, b.tasks, meta)
+
+
+def stage_kind(counter_name: str) -> str:
+    """A stage's kind from its counter's name, the same for every layer: ``layers.3.qkv`` ->
+    ``qkv``, ``x.4`` (the down projection's output) -> ``down``, ``lm_head`` -> ``lm_head``."""
+    return re.sub(r"^layers\.\d+\.", "", re.sub(r"^x\.\d+$", "down", counter_name))
+
+
+def bypass_stages(program: Program, kinds: set[str]) -> Program:
+    """The same tasks, where a wait on a stage of one of ``kinds`` becomes the waits of that
+    stage's tasks: its readers no longer wait for it, so the stage and the stage after it run
+    as one level (several kinds chain: bypassing ``attn_partial`` and ``attn_combine`` lets the
+    O projection wait for the qkv projection only). Timed on a GPU it bounds what fusing or
+    removing those levels could gain. Its tasks race (the validator rejects it) and its results
+    mean nothing: time it only. Raises ValueError for a kind no stage has."""
+    known = {stage_kind(c.name) for c in program.counters}
+    if unknown := sorted(set(kinds) - known):
+        raise ValueError(f"no stage of kind {', '.join(unknown)}; the kinds are {', '.join(sorted(known))}")
+    skipped = {c.id for c in program.counters if stage_kind(c.name) in kinds}
+    producers: dict[int, list[Task]] = {}
+    for t in program.tasks:
+        if t.signal is not None:
+            producers.setdefault(t.signal, []).append(t)
+    resolved: dict[int, dict[int, int]] = {}
+
+    def expand(waits: list[Wait]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for w in waits:
+            if w.counter in skipped and producers.get(w.counter):
+                if w.counter not in resolved:  # waits only point to earlier stages: no cycle
+                    merged: dict[int, int] = {}
+                    for p in producers[w.counter]:
+                        for c, n in expand(p.waits).items():
+                            merged[c] = max(merged.get(c, 0), n)
+                    resolved[w.counter] = merged
+                for c, n in resolved[w.counter].items():
+                    out[c] = max(out.get(c, 0), n)
+            else:
+                out[w.counter] = max(out.get(w.counter, 0), w.threshold)
+        return out
+
+    tasks = [Task(t.id, t.op, t.sm, list(t.reads), list(t.writes),
+                  [Wait(c, n) for c, n in sorted(expand(t.waits).items())], t.signal, dict(t.params))
+             for t in program.tasks]
+    return Program(program.buffers, program.counters, tasks, dict(program.meta))

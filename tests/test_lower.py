@@ -116,3 +116,53 @@ def test_without_waits_keeps_the_work_and_is_rejected_by_the_validator() -> None
     assert not any(t.waits for t in w.tasks) and any(t.waits for t in p.tasks)  # the original keeps its own
     assert check_program(w) == []  # still memory-safe to launch (timing only) ...
     assert "race" in {e.code for e in validate(w).errors}  # ... but never a program the pipeline runs
+
+
+def dependent_levels(p: Program) -> int:
+    """The longest chain of stages, each waiting for the one before."""
+    producers: dict[int, list] = {}
+    for t in p.tasks:
+        producers.setdefault(t.signal, []).append(t)
+    level: dict[int, int] = {}
+    for t in p.tasks:  # waits only point to earlier stages, which come first in task order
+        level[t.id] = 1 + max((level[q.id] for w in t.waits for q in producers.get(w.counter, [])), default=0)
+    return max(level.values())
+
+
+def test_stage_kind_is_the_counter_name_without_its_layer() -> None:
+    from pytest_amk.lower import stage_kind
+
+    assert [stage_kind(n) for n in ("layers.12.qkv", "layers.0.attn_combine", "x.4", "lm_head", "embed")] == \
+        ["qkv", "attn_combine", "down", "lm_head", "embed"]
+
+
+def test_bypass_stages_merges_each_bypassed_stage_with_its_readers() -> None:
+    from pytest_amk.gpu.checks import check_program
+    from pytest_amk.lower import bypass_stages, stage_kind
+    from pytest_amk.validate import validate
+
+    p = lower_small()
+    layers = 4
+    kind = {c.id: stage_kind(c.name) for c in p.counters}
+    base = dependent_levels(p)
+    b = bypass_stages(p, {"act"})
+    assert [(t.id, t.op, t.sm, t.reads, t.writes, t.signal, t.params) for t in b.tasks] == \
+        [(t.id, t.op, t.sm, t.reads, t.writes, t.signal, t.params) for t in p.tasks]
+    assert dependent_levels(b) == base - layers  # one level fewer a layer: gate/up and down run as one
+    for t, u in zip(p.tasks, b.tasks, strict=True):
+        if kind[t.signal] == "down":  # down waited for its layer's act and h; now for h only (what act waited for)
+            assert {kind[w.counter] for w in t.waits} == {"act", "h"}
+            assert {kind[w.counter] for w in u.waits} == {"h"}
+        else:
+            assert u.waits == t.waits
+    assert dependent_levels(p) == base  # the original is untouched
+    # Chained: the O projection no longer waits for the attention nor its combine, but for what
+    # the attention waited for (the qkv projection).
+    c = bypass_stages(p, {"attn_partial", "attn_combine"})
+    assert dependent_levels(c) == base - 2 * layers
+    o_waits = {kind[w.counter] for t in c.tasks if kind[t.signal] == "h" for w in t.waits}
+    assert o_waits == {"qkv", "down", "embed"}  # and its residual's producer, as before
+    assert check_program(c) == []  # memory-safe to launch (timing only) ...
+    assert "race" in {e.code for e in validate(c).errors}  # ... but never a program the pipeline runs
+    with pytest.raises(ValueError, match="no stage of kind mlp; the kinds are act, argmax"):
+        bypass_stages(p, {"mlp"})

@@ -13,9 +13,12 @@ between rounds is about +-3 us on the 1B shape, so compare variants of one run o
 A variant is GpuRunner keyword arguments (prefetch_bytes, lookahead_bytes, build, ...), plus
 "vm": a directory of VM sources (a changed copy of vm/) to build that variant from, "knobs":
 lowering knobs added to --knobs, and "nop": true to time the program's sync skeleton (every
-task a NOP with the same queues, waits and signals; its logits are not compared), or "nowait":
+task a NOP with the same queues, waits and signals; its logits are not compared), "nowait":
 true to time the program with every wait dropped (the work alone, each queue running flat
-out: the streaming bound of the VM's ops; its logits are garbage and not compared).
+out: the streaming bound of the VM's ops; its logits are garbage and not compared), or
+"bypass": a list of stage kinds (qkv, attn_partial, attn_combine, h, act, down, ...) whose
+readers no longer wait for them (lower.bypass_stages: each such stage and the next run as one
+level; timing only, like "nowait"): what fusing or removing those levels could gain at most.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import statistics
 import sys
 from typing import Any
 
-TOOL_KEYS = ("knobs", "nop", "nowait")  # variant keys of this tool's own, not GpuRunner arguments
+TOOL_KEYS = ("knobs", "nop", "nowait", "bypass")  # variant keys of this tool's own, not GpuRunner arguments
 
 
 def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
@@ -54,7 +57,7 @@ def make_runners(programs: dict[str, tuple[Any, dict[int, Any]]],
 
 
 def timing_only(kw: dict[str, Any]) -> bool:
-    return bool(kw.get("nop") or kw.get("nowait"))
+    return bool(kw.get("nop") or kw.get("nowait") or kw.get("bypass"))
 
 
 def main() -> int:
@@ -72,7 +75,7 @@ def main() -> int:
 
     import torch
 
-    from pytest_amk import gpu, refvm
+    from pytest_amk import gpu, lower, refvm
     from pytest_amk.gpu import testing as T
 
     variants = json.loads(args.variants)
@@ -81,8 +84,8 @@ def main() -> int:
     print(f"device: {dev.name}", flush=True)
     base_knobs = json.loads(args.knobs)
     weights = None
-    # One lowering and one set of buffers per distinct "knobs"; a skeleton or wait-free variant is
-    # derived from it and shares its buffers (it is only timed, after the logits are compared).
+    # One lowering and one set of buffers per distinct "knobs"; a skeleton, wait-free or bypassing
+    # variant is derived from it and shares its buffers (it is only timed, after the logits are compared).
     by_knobs: dict[str, tuple[Any, dict[int, Any]]] = {}
     programs = {}
     for name, kw in variants.items():
@@ -97,6 +100,8 @@ def main() -> int:
             prog = prog.sync_skeleton()
         if kw.get("nowait"):
             prog = prog.without_waits()
+        if kw.get("bypass"):
+            prog = lower.bypass_stages(prog, set(kw["bypass"]))
         programs[name] = (prog, bufs)
     runners = make_runners(programs, variants)
     computing = [n for n in runners if not timing_only(variants[n])]

@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -43,15 +42,12 @@ def parse_knobs(text: str) -> dict[str, Any]:
     return out
 
 
-def stage_kind(name: str) -> str:
-    return re.sub(r"^layers\.\d+\.", "", re.sub(r"^x\.\d+$", "down", name))
-
-
 def analyse(prog: Any, order: list[Any], tr: Any, bw_gbps: float) -> dict[str, Any]:
     """Per-stage-kind statistics from a trace [instr, point, (ns, cycles)]."""
     import numpy as np
 
     from pytest_amk.ir import BufferKind
+    from pytest_amk.lower import stage_kind
 
     kinds = {b.id: b.kind for b in prog.buffers}
     nbytes = {b.id: b.dtype.nbytes for b in prog.buffers}
