@@ -5,6 +5,7 @@ out-of-bounds ones. Needs nvcc, no GPU (runs in CI)."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,20 @@ def test_traced_build_with_a_mark_compiles_without_spills(vm_cache: Path) -> Non
     r = build.build_cubin(cfg, cache=vm_cache)
     assert "-attn_prologue-" in r.cubin.name
     assert (r.report.spill_stores, r.report.spill_loads) == (0, 0), r.report
+
+
+@needs_nvcc
+def test_sync_level_micro_benchmark_compiles(tmp_path: Path) -> None:
+    """tools/sync_level_bench.cu (the README's stand-alone sync level) builds for sm_90, every mode."""
+    src = Path(__file__).resolve().parent.parent / "tools" / "sync_level_bench.cu"
+    out = tmp_path / "sync_level_bench.cubin"
+    r = subprocess.run([str(NVCC), "-arch=sm_90", "-O3", "--resource-usage", "-cubin", "-o", str(out), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0
+    assert r.stderr.count("Compiling entry function") == 13, r.stderr  # one per (mode, copies) it times
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    assert len(frames) == 13 and all(f == ("0", "0", "0") for f in frames), frames
 
 
 def test_ptxas_report_parse() -> None:
