@@ -135,7 +135,7 @@ def test_traced_build_with_a_mark_compiles_without_spills(vm_cache: Path) -> Non
 
 @needs_nvcc
 def test_sync_level_micro_benchmark_compiles(tmp_path: Path) -> None:
-    """tools/sync_level_bench.cu (the README's stand-alone sync level) builds for sm_90, every mode."""
+    """tools/sync_level_bench.cu (PERFORMANCE.md's stand-alone sync level) builds for sm_90, every mode."""
     src = Path(__file__).resolve().parent.parent / "tools" / "sync_level_bench.cu"
     out = tmp_path / "sync_level_bench.cubin"
     r = subprocess.run([str(NVCC), "-arch=sm_90", "-O3", "--resource-usage", "-cubin", "-o", str(out), str(src)],

@@ -6,7 +6,7 @@
 //
 //   nvcc -arch=sm_90 -O3 -o /tmp/sync_level_bench tools/sync_level_bench.cu && /tmp/sync_level_bench
 //
-// The VM's own protocol is the first row (vm/amk_vm.cu wait_counter / wait_all); the README's
+// The VM's own protocol is the first row (vm/amk_vm.cu wait_counter / wait_all); PERFORMANCE.md's
 // "One sync level, stand-alone" gives the H100 numbers. Not part of the package: a measurement.
 #include <cstdio>
 #include <cstdlib>
