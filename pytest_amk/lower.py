@@ -382,7 +382,8 @@ def bypass_stages(program: Program, kinds: set[str]) -> Program:
         out: dict[int, int] = {}
         for w in waits:
             if w.counter in skipped and producers.get(w.counter):
-                if w.counter not in resolved:  # waits only point to earlier stages: no cycle
+                if w.counter not in resolved:
+                    resolved[w.counter] = {}  # a cycle (never in a lowered program) ends here
                     merged: dict[int, int] = {}
                     for p in producers[w.counter]:
                         for c, n in expand(p.waits).items():
