@@ -345,7 +345,7 @@ def lower(cfg: LlamaConfig, target: GpuTarget, knobs: dict[str, Any], dtype: str
         "num_sms": num_sms,
         "threads_per_block": knobs["threads_per_block"],
         "pipelining_depth": knobs["pipelining_depth"],
-        # L2 prefetch bytes for the runner (gpu.runtime.prefetch_sizes); None: the card's default.
+        # L2 prefetch bytes for the runner (gpu.prefetch.prefetch_sizes); None: the card's default.
         "prefetch": {"own_bytes": knobs["prefetch.own_kb"] << 10,
                      "lookahead_bytes": None if look_kb < 0 else look_kb << 10},
         "max_seq": max_seq,

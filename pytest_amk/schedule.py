@@ -113,7 +113,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          doc="KB of each GEMV / LM-head task's first weight rows prefetched into L2 before its wait"),
     Knob("prefetch.lookahead_kb", int, -1, (-1, 0, 128, 256, 384, 512), lo=-1, hi=1 << 16, launch=True,
          doc="KB of each big weight task's first rows prefetched into L2 while the attention chain "
-             "before it runs; -1: the card's default (gpu.runtime.default_lookahead_bytes)"),
+             "before it runs; -1: the card's default (gpu.prefetch.default_lookahead_bytes)"),
 )}
 
 

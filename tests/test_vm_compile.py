@@ -221,7 +221,7 @@ def test_prefetch_table_splits_the_budget_over_weight_ranges() -> None:
     """The L2 prefetch budget is per instruction: a SiLU-mul GEMV's gate and up ranges get half
     each, other weight tasks one range of the whole budget (capped by their rows), every range
     16-byte aligned and inside its weight rows; other ops prefetch nothing."""
-    from pytest_amk.gpu.runtime import prefetch_table
+    from pytest_amk.gpu.prefetch import prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
@@ -258,7 +258,7 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
     the big task before it, exactly when at least LOOKAHEAD_MIN_GAP small tasks lie between the
     two and the one before that instruction is an attention task; they cover the start of its
     weight ranges and its own slots continue where they end."""
-    from pytest_amk.gpu.runtime import LOOKAHEAD_AFTER, LOOKAHEAD_MIN_GAP, _weight_ranges, prefetch_table
+    from pytest_amk.gpu.prefetch import LOOKAHEAD_AFTER, LOOKAHEAD_MIN_GAP, _weight_ranges, prefetch_table
 
     prog = _lowered("toy")
     order = [t for q in prog.queues() for t in q]
@@ -297,7 +297,7 @@ def test_prefetch_lookahead_goes_out_between_big_tasks() -> None:
 
 def test_lookahead_default_follows_the_card() -> None:
     """The lookahead is off on the cards where it measured slower, and the default elsewhere."""
-    from pytest_amk.gpu.runtime import DEFAULT_LOOKAHEAD_BYTES, default_lookahead_bytes
+    from pytest_amk.gpu.prefetch import DEFAULT_LOOKAHEAD_BYTES, default_lookahead_bytes
 
     assert DEFAULT_LOOKAHEAD_BYTES > 0
     assert default_lookahead_bytes("NVIDIA H100 80GB HBM3") == DEFAULT_LOOKAHEAD_BYTES
@@ -311,7 +311,7 @@ def test_prefetch_sizes_come_from_the_schedule_knobs() -> None:
     the lookahead to the card, explicit runner arguments win, and a program without the entry
     (older JSON) gets the defaults; a malformed entry is a clean ProgramCheckError."""
     from pytest_amk.gpu.errors import ProgramCheckError
-    from pytest_amk.gpu.runtime import DEFAULT_LOOKAHEAD_BYTES, DEFAULT_PREFETCH_BYTES, prefetch_sizes
+    from pytest_amk.gpu.prefetch import DEFAULT_LOOKAHEAD_BYTES, DEFAULT_PREFETCH_BYTES, prefetch_sizes
 
     h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
     auto = _lowered("toy").meta

@@ -135,7 +135,7 @@ __device__ __noinline__ void advance_inputs(void* const* bufs, const int* ins, i
 
 // Start streaming an instruction's weight rows into L2 before its dependencies
 // are met (weights never depend on activations). ``pf`` = {addr, bytes} x AMK_PF_RANGES
-// per instruction, computed by the host (pytest_amk/gpu/runtime.py prefetch_table: the
+// per instruction, computed by the host (pytest_amk/gpu/prefetch.py prefetch_table: the
 // instruction's own first bytes, then a later one's); bytes == 0 means none. One warp.
 __device__ __forceinline__ void prefetch_weights(const longlong2* pf, int lane) {
 #pragma unroll
