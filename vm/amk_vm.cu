@@ -55,6 +55,21 @@ __device__ __forceinline__ long long now_ns() {
     return (long long)t;
 }
 
+// Thread 0, after a poll found counter c unmet (value v, threshold thr): 1 when the block must
+// stop, because another block raised a fault or this instruction's wait budget is spent (then it
+// raises the watchdog fault itself). t0: when the instruction's first unmet poll began (-1: not
+// yet); the budget counts from there.
+__device__ __forceinline__ int poll_unmet(int* err, long long& t0, long long budget_ns, int sm, int instr, int op,
+                                          int c, unsigned v, unsigned thr, int step) {
+    if (t0 < 0) t0 = now_ns();
+    if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
+    if (now_ns() - t0 > budget_ns) {
+        raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, op, c, (int)v, (int)thr, step);
+        return 1;
+    }
+    return 0;
+}
+
 // Thread 0 only: spin until counters[c] >= thr (the step barrier; wait_all below polls an
 // instruction's waits the same way). Relaxed loads: the caller runs poll_met once every wait is met.
 // Returns 1 when the block must stop (watchdog or another block's fault). Polls with no back-off:
@@ -67,18 +82,12 @@ __device__ __forceinline__ long long now_ns() {
 // round trip a poll instead of two) the skeleton measured 150.1 against 146.7 us (session 11),
 // though a stand-alone sync micro-benchmark was 9% faster with it. A fault record's extra word is
 // the step (0 for a one-step launch).
-// t0: when the first unmet poll of this instruction's waits began (-1: not yet).
 __device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* err, int sm, int instr, int op,
                             int step, long long budget_ns, long long& t0) {
     for (;;) {
         const unsigned v = ld_relaxed(counters + c);
         if (v >= thr) return 0;
-        if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
-        if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
-        if (now_ns() - t0 > budget_ns) {
-            raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, op, c, (int)v, (int)thr, step);
-            return 1;
-        }
+        if (poll_unmet(err, t0, budget_ns, sm, instr, op, c, v, thr, step)) return 1;
     }
 }
 
@@ -88,7 +97,7 @@ __device__ int wait_counter(const unsigned* counters, int c, unsigned thr, int* 
 // projection and down have two). H100, tools/ab_vm.py, 6 rounds (session 11): the 1B skeleton
 // 132.0 against 146.7 us, the step 1032.7 / 1069.6 against 1037.6 / 1075.3 us at context 16 /
 // 512; toy-4L 92.4 against 93.3 us, its skeleton 35.3 against 38.5. Same budget and fault record
-// as wait_counter (the first unmet wait is reported).
+// as wait_counter (poll_unmet; the first unmet wait is reported).
 __device__ int wait_all(const int* ins, const unsigned* counters, const unsigned* counter_step, int s, int* err,
                         int sm, int instr, long long budget_ns) {
     int cs[AMK_MAX_WAITS];
@@ -110,12 +119,7 @@ __device__ int wait_all(const int* ins, const unsigned* counters, const unsigned
         for (int w = AMK_MAX_WAITS - 1; w >= 0; --w)
             if (v[w] < thr[w]) uc = cs[w], uv = v[w], ut = thr[w];
         if (uc < 0) return 0;
-        if (t0 < 0) t0 = now_ns();  // the budget counts from the first unmet poll
-        if (ld_volatile(err + AMK_ERR_CODE) != 0) return 1;
-        if (now_ns() - t0 > budget_ns) {
-            raise_fault(err, AMK_FAULT_WATCHDOG, sm, instr, ins[AMK_W_OP], uc, (int)uv, (int)ut, s);
-            return 1;
-        }
+        if (poll_unmet(err, t0, budget_ns, sm, instr, ins[AMK_W_OP], uc, uv, ut, s)) return 1;
     }
 }
 
